@@ -1,11 +1,36 @@
-"""Classifiers: WRN-d-k, ResNet-18, PreAct ResNet-18 and a tiny CNN, behind one interface."""
+"""Classifiers: WRN-d-k, ResNet-18, PreAct ResNet-18 and a tiny CNN, behind one interface.
+
+Every network is a `Classifier`: images in [0,1] -> logits f(x), split as
+
+    forward(x) = fc(features(x)),   features(x) = trunk(stem(normalize(x)))
+
+`normalize` maps [0,1] pixels to the range the network was trained in, so
+attack budgets are always in pixel units. `stem` is the first convolution
+alone (JEM++'s PYLD sampler differentiates through it). The trunk ends in
+adaptive average pooling, so any image size >= 8 works.
+
+Architectures (weights follow the reference code bases):
+- `wrn`: Wide ResNet-d-k with pre-activation wide basic blocks
+  (Zagoruyko & Komodakis; JEM, TRADES), widths 16, 16k, 32k, 64k.
+- `resnet18`: kuangliu's CIFAR ResNet-18 (3x3 stem, no max-pool, BasicBlocks [2,2,2,2]).
+- `preact_resnet18`: PreAct ResNet-18 (He et al. 2016; Rice et al. 2020 with a final norm + activation).
+- `tiny_cnn`: three 3x3 convs (width, 2 width, 4 width) for the CPU smoke profile.
+
+Convolutions carry a bias only when no normalisation layer follows
+(`norm: none`, as in JEM's WRN).
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
 
+from .runtime import atomic_torch_save
 from .schema_types import Strict
 
 
@@ -20,3 +45,273 @@ class ModelConfig(Strict):
     activation: Literal["relu", "leaky_relu"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     input_range: Literal["unit", "symmetric"] = "unit"
+
+    @model_validator(mode="after")
+    def _check_arch(self):
+        if self.arch == "wrn" and (self.depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4 (e.g. 16, 28, 34, 40), got depth={self.depth}")
+        if self.arch != "wrn" and self.dropout > 0:
+            raise ValueError(f"dropout is only implemented for arch 'wrn'; set dropout: 0 for arch '{self.arch}'")
+        return self
+
+
+class Classifier(nn.Module):
+    """Images in [0,1] -> logits. forward(x) = fc(features(x))."""
+
+    def __init__(self, normalize: nn.Module, stem: nn.Module, trunk: nn.Module, fc: nn.Linear, *,
+                 num_classes: int, in_channels: int, image_size: int):
+        super().__init__()
+        self.normalize, self.stem, self.trunk, self.fc = normalize, stem, trunk, fc
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
+        self.feature_dim = fc.in_features
+
+    def trunk_from_stem(self, h: Tensor) -> Tensor:
+        """(B, C, H, W) stem output -> (B, feature_dim) penultimate features."""
+        return self.trunk(h)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.trunk_from_stem(self.stem(self.normalize(x)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+class SymmetricRange(nn.Module):
+    """[0,1] -> [-1,1]: (x - 0.5) / 0.5, the JEM-family input range."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - 0.5) / 0.5
+
+
+# ---------------------------------------------------------------- building blocks
+
+def _norm(channels: int, cfg: ModelConfig) -> nn.Module:
+    return nn.BatchNorm2d(channels, momentum=cfg.bn_momentum) if cfg.norm == "batch" else nn.Identity()
+
+
+def _act(cfg: ModelConfig) -> nn.Module:
+    # never in-place: with norm 'none' the activation's input is the block input, which the skip path reuses
+    return nn.LeakyReLU(0.2) if cfg.activation == "leaky_relu" else nn.ReLU()
+
+
+def _conv(c_in: int, c_out: int, cfg: ModelConfig, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=cfg.norm == "none")
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation block: out = conv2(act(norm2(drop(conv1(a))))) + skip, a = act(norm1(x)).
+
+    skip = x, or a 1x1 conv of `a` when the shape changes. With dropout this
+    is WRN's wide basic block; without it, PreAct ResNet's block.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.act1 = _norm(c_in, cfg), _act(cfg)
+        self.conv1 = _conv(c_in, c_out, cfg, stride=stride)
+        self.norm2, self.act2 = _norm(c_out, cfg), _act(cfg)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.conv2 = _conv(c_out, c_out, cfg)
+        changes_shape = stride != 1 or c_in != c_out
+        self.shortcut = _conv(c_in, c_out, cfg, kernel=1, stride=stride) if changes_shape else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.act1(self.norm1(x))
+        skip = x if self.shortcut is None else self.shortcut(a)
+        out = self.conv1(a)
+        out = self.conv2(self.drop(self.act2(self.norm2(out))))
+        return out + skip
+
+
+class BasicBlock(nn.Module):
+    """Post-activation ResNet block: act(norm2(conv2(act(norm1(conv1(x))))) + skip(x))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ModelConfig):
+        super().__init__()
+        self.conv1, self.norm1, self.act1 = _conv(c_in, c_out, cfg, stride=stride), _norm(c_out, cfg), _act(cfg)
+        self.conv2, self.norm2, self.act2 = _conv(c_out, c_out, cfg), _norm(c_out, cfg), _act(cfg)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(_conv(c_in, c_out, cfg, kernel=1, stride=stride), _norm(c_out, cfg))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.act1(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+def _stages(block, c_in: int, plan: list[tuple[int, int, int]], cfg: ModelConfig) -> list[tuple[str, nn.Module]]:
+    """plan = [(channels, blocks, first stride), ...] -> named nn.Sequential stages."""
+    stages = []
+    for i, (c_out, n_blocks, stride) in enumerate(plan, start=1):
+        blocks = []
+        for j in range(n_blocks):
+            blocks.append(block(c_in, c_out, stride if j == 0 else 1, cfg))
+            c_in = c_out
+        stages.append((f"stage{i}", nn.Sequential(*blocks)))
+    return stages
+
+
+def _pool() -> list[tuple[str, nn.Module]]:
+    return [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten())]
+
+
+def _wrn(cfg: ModelConfig, in_channels: int):
+    n, k = (cfg.depth - 4) // 6, cfg.width
+    plan = [(16 * k, n, 1), (32 * k, n, 2), (64 * k, n, 2)]
+    stem = _conv(in_channels, 16, cfg)
+    trunk = _stages(PreActBlock, 16, plan, cfg) + [("norm", _norm(64 * k, cfg)), ("act", _act(cfg))] + _pool()
+    return stem, trunk, 64 * k
+
+
+def _preact_resnet18(cfg: ModelConfig, in_channels: int):
+    plan = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
+    stem = _conv(in_channels, 64, cfg)
+    trunk = _stages(PreActBlock, 64, plan, cfg) + [("norm", _norm(512, cfg)), ("act", _act(cfg))] + _pool()
+    return stem, trunk, 512
+
+
+def _resnet18(cfg: ModelConfig, in_channels: int):
+    plan = [(64, 2, 1), (128, 2, 2), (256, 2, 2), (512, 2, 2)]
+    stem = _conv(in_channels, 64, cfg)
+    trunk = [("norm", _norm(64, cfg)), ("act", _act(cfg))] + _stages(BasicBlock, 64, plan, cfg) + _pool()
+    return stem, trunk, 512
+
+
+def _tiny_cnn(cfg: ModelConfig, in_channels: int):
+    w = cfg.width
+    stem = _conv(in_channels, w, cfg)
+    trunk = [("norm1", _norm(w, cfg)), ("act1", _act(cfg)),
+             ("conv2", _conv(w, 2 * w, cfg, stride=2)), ("norm2", _norm(2 * w, cfg)), ("act2", _act(cfg)),
+             ("conv3", _conv(2 * w, 4 * w, cfg, stride=2)), ("norm3", _norm(4 * w, cfg)), ("act3", _act(cfg))]
+    return stem, trunk + _pool(), 4 * w
+
+
+_ARCHS = {"wrn": _wrn, "resnet18": _resnet18, "preact_resnet18": _preact_resnet18, "tiny_cnn": _tiny_cnn}
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, in_channels: int, image_size: int) -> Classifier:
+    """A freshly initialised `Classifier` (PyTorch default initialisation)."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1 (1 for grey, 3 for RGB), got {in_channels}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 (the trunk downsamples up to 8x), got {image_size}")
+    stem, trunk, feature_dim = _ARCHS[cfg.arch](cfg, in_channels)
+    normalize = SymmetricRange() if cfg.input_range == "symmetric" else nn.Identity()
+    return Classifier(normalize, stem, nn.Sequential(OrderedDict(trunk)), nn.Linear(feature_dim, num_classes),
+                      num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+_SAFE_LEAVES = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def _check_meta(value, where: str = "meta") -> None:
+    """meta must reload under torch.load(weights_only=True): plain containers, numbers, strings, tensors."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} has a non-string key {key!r}; use string keys")
+            _check_meta(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_meta(item, f"{where}[{i}]")
+    elif not isinstance(value, _SAFE_LEAVES):
+        raise TypeError(f"{where} is a {type(value).__name__}, which torch.load(weights_only=True) refuses; "
+                        "convert it to str, int, float, bool, list, dict or a tensor")
+
+
+class ArchitectureRequired(ValueError):
+    """A checkpoint holds only weights: the caller must name the architecture and data shapes."""
+
+
+def save_classifier(path: str | Path, model: Classifier, cfg: ModelConfig, meta: dict) -> None:
+    """Write architecture, shapes, weights and `meta` to `path` atomically (a self-describing checkpoint)."""
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    _check_meta(meta)
+    atomic_torch_save({
+        "model_config": cfg.model_dump(),
+        "num_classes": model.num_classes,
+        "in_channels": model.in_channels,
+        "image_size": model.image_size,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta,
+    }, path)
+
+
+def _user_state_dict(payload, path) -> dict[str, Tensor]:
+    """A bare state dict, or one nested under a usual key; strips DataParallel / torch.compile prefixes."""
+    if isinstance(payload, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+    if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
+        raise ValueError(f"{path} holds neither a robust-ebm checkpoint nor a state_dict "
+                         "(a dict of tensors, possibly under 'state_dict', 'model_state_dict' or 'model')")
+    state = {}
+    for key, value in payload.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        state[key] = value
+    return state
+
+
+def _load_weights(model: Classifier, state: dict[str, Tensor], cfg: ModelConfig, path) -> None:
+    expected, given = set(model.state_dict()), set(state)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: state_dict keys do not match a Classifier built from {cfg.model_dump()}.\n"
+            f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
+            "Pass the architecture the weights were trained with (model_config arch/depth/width/norm), "
+            "or rename the keys to this layout (normalize/stem/trunk/fc).")
+    own = model.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+             if v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"{path}: tensor shapes differ from the requested architecture: {wrong[:5]}. "
+                         "Check width/depth, num_classes, in_channels.")
+    model.load_state_dict(state)
+
+
+def load_classifier(path: str | Path, map_location="cpu", *, model_config: ModelConfig | None = None,
+                    num_classes: int | None = None, in_channels: int | None = None,
+                    image_size: int | None = None) -> tuple[Classifier, dict]:
+    """Load a classifier in eval mode and its meta dict (torch.load with weights_only=True).
+
+    A checkpoint written by `save_classifier` describes itself. A user's own
+    checkpoint (only a state_dict) needs its architecture: pass model_config,
+    num_classes, in_channels and image_size; meta is then {"source": path}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no classifier checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+
+    if isinstance(payload, dict) and "model_config" in payload and "state_dict" in payload:
+        cfg = ModelConfig(**payload["model_config"])
+        if model_config is not None and model_config != cfg:
+            raise ValueError(f"{path} was saved with {cfg.model_dump()}, not the model_config passed "
+                             f"({model_config.model_dump()}); drop the model_config argument")
+        shapes = {k: payload[k] for k in given}
+        for key, value in given.items():
+            if value is not None and value != shapes[key]:
+                raise ValueError(f"{path} was saved with {key}={shapes[key]}, not {value}")
+        state, meta = payload["state_dict"], payload["meta"]
+    else:
+        missing = [k for k, v in {"model_config": model_config, **given}.items() if v is None]
+        if missing:
+            raise ArchitectureRequired(f"{path} holds only weights, so its architecture must be given: pass "
+                             f"{', '.join(missing)} (e.g. model_config=ModelConfig(arch='wrn', depth=28, "
+                             "width=10), num_classes=10, in_channels=3, image_size=32)")
+        cfg, shapes = model_config, given
+        state, meta = _user_state_dict(payload, path), {"source": str(path)}
+
+    model = build_model(cfg, **shapes)
+    _load_weights(model, state, cfg, path)
+    return model.eval(), meta

@@ -6,11 +6,13 @@ import json
 import os
 import random
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -31,6 +33,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextmanager
+def model_mode(model: nn.Module, mode: str):
+    """Put every submodule in 'train' or 'eval' mode for the block; restore each one's own flag after, also on error."""
+    if mode not in ("train", "eval"):
+        raise ValueError(f"model_mode must be 'train' or 'eval', got '{mode}'")
+    previous = [(module, module.training) for module in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for module, training in previous:
+            module.training = training
+
+
 def _atomic_replace(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +65,11 @@ def _atomic_replace(path: Path, write) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write text to a temporary file beside `path`, then rename it into place."""
     return _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write raw bytes (an encoded .npz or .png) atomically."""
+    return _atomic_replace(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:

@@ -1,0 +1,306 @@
+"""`robust-ebm`: the command line every workflow rule calls, one subcommand per stage.
+
+    robust-ebm check    --profile smoke                 validate params.yaml, print the job plan
+    robust-ebm data     --profile P --dataset D --out results/P/data/D
+    robust-ebm train    ... --dataset D --method M --seed S --data DIR --out results/P/models/D/M/sS
+    robust-ebm evaluate ... --model model.pt --out results/P/eval/D/M/sS.json
+    robust-ebm generate ... --model model.pt --out results/P/samples/D/M/sS
+    robust-ebm metrics  ... --model --samples --refclf --eval --out results/P/metrics/D/M/sS.json
+    robust-ebm figures  --profile P --results results/P --out results/P/figures
+    robust-ebm tables   --profile P --results results/P --out results/P/tables
+    robust-ebm bench    [--model wrn28_10] [--batch 64] [--methods ...] [--device auto]
+    robust-ebm dvc-yaml [--out dvc.yaml] [--check]
+
+Heavy libraries (torch, mlflow) are imported inside the subcommands, so
+`--help` is instant. Known user errors (bad params, missing data or Inception
+weights, a diverged run) print one paragraph and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+USER_ERRORS = {"ConfigError", "DataUnavailableError", "InceptionWeightsUnavailable", "TrainingDiverged"}
+log = logging.getLogger("robust_ebm")
+
+
+# --------------------------------------------------------------------------- logging to a file too
+
+
+class _Tee:
+    """Write to the console stream and to a log file (stage logs under logs/)."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stream.flush()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _setup_logging(log_path: str | None) -> None:
+    if log_path:
+        path = Path(log_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file = path.open("w")
+        sys.stdout, sys.stderr = _Tee(sys.stdout, file), _Tee(sys.stderr, file)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _profile_config(args):
+    from .config import load_params
+
+    params = load_params(args.params)
+    return params, params.profile_config(args.profile)
+
+
+def _run_config(args):
+    _, profile = _profile_config(args)
+    return profile.run(args.dataset, args.method, args.seed)
+
+
+def _project_dir(args) -> Path:
+    return Path(args.params).resolve().parent
+
+
+def _finish(tracker, stage: str, result, outputs: list) -> None:
+    """Log a stage's returned numbers and its output files; print a one-line summary."""
+    if isinstance(result, dict):
+        tracker.log_summary(stage, result)
+    for path in outputs:
+        tracker.log_artifact(path, artifact_path=stage)
+    print(f"robust-ebm {stage}: done -> {', '.join(str(p) for p in outputs)}")
+
+
+def _run_stage(args, stage: str, call, outputs) -> None:
+    """Resolve the run, open its MLflow child run, call the stage, log what it returns."""
+    from .tracking import open_stage_run
+
+    run = _run_config(args)
+    with open_stage_run(run, stage, project_dir=_project_dir(args)) as tracker:
+        tracker.log_params(run.to_dict())
+        result = call(run, tracker)
+        _finish(tracker, stage, result, outputs)
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def cmd_check(args) -> None:
+    from .plan import Plan
+
+    params, _ = _profile_config(args)
+    plan = Plan(params, args.profile or params.profile, params_file=args.params)
+    print(f"{args.params}: valid ({len(params.profiles)} profiles: {', '.join(params.profiles)})")
+    print(plan.describe())
+    if args.jobs:
+        for job in plan.jobs:
+            print(job.command)
+
+
+def cmd_data(args) -> None:
+    from .data import prepare_stage
+    from .tracking import open_run
+
+    params, profile = _profile_config(args)
+    with open_run(profile=profile.name, stage="data", dataset=args.dataset, uri=profile.tracking.uri,
+                  prefix=profile.tracking.experiment_prefix, project_dir=_project_dir(args)) as tracker:
+        result = prepare_stage(params, profile.name, args.dataset, Path(args.out))
+        _finish(tracker, "data", result, [Path(args.out) / "data.json"])
+
+
+def cmd_train(args) -> None:
+    from .train import train_stage
+
+    out = Path(args.out)
+    _run_stage(args, "train", lambda run, t: train_stage(run, Path(args.data), out, tracker=t),
+               [out / "train.json"])
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_stage
+
+    out = Path(args.out)
+    _run_stage(args, "evaluate",
+               lambda run, t: evaluate_stage(run, Path(args.data), Path(args.model), out, tracker=t), [out])
+
+
+def cmd_generate(args) -> None:
+    from .generate import generate_stage
+
+    out = Path(args.out)
+    _run_stage(args, "generate",
+               lambda run, t: generate_stage(run, Path(args.data), Path(args.model), out, tracker=t),
+               [out / "generate.json"])
+
+
+def cmd_metrics(args) -> None:
+    from .metrics import metrics_stage
+
+    out = Path(args.out)
+    refclf = Path(args.refclf) if args.refclf else None
+    evaluation = Path(args.eval) if args.eval else None
+    _run_stage(args, "metrics",
+               lambda run, t: metrics_stage(run, Path(args.data), Path(args.model), Path(args.samples),
+                                            refclf, evaluation, out, tracker=t), [out])
+
+
+def _profile_stage(args, stage: str, call) -> None:
+    from .tracking import open_run
+
+    _, profile = _profile_config(args)
+    with open_run(profile=profile.name, stage=stage, uri=profile.tracking.uri,
+                  prefix=profile.tracking.experiment_prefix, project_dir=_project_dir(args)) as tracker:
+        files = call(profile, Path(args.results), Path(args.out))
+        for path in files:
+            tracker.log_artifact(path, artifact_path=stage)
+        print(f"robust-ebm {stage}: {len(files)} files -> {args.out}")
+
+
+def cmd_figures(args) -> None:
+    from .figures import figures_stage
+
+    _profile_stage(args, "figures", figures_stage)
+
+
+def cmd_tables(args) -> None:
+    from .tables import tables_stage
+
+    _profile_stage(args, "tables", tables_stage)
+
+
+def cmd_bench(args) -> None:
+    from .bench import format_bench, run_bench
+
+    _, profile = _profile_config(args)
+    names = args.methods or list(profile.methods)
+    unknown = sorted(set(names) - set(profile.methods))
+    if unknown or (args.model and args.model not in profile.models):
+        from .config import ConfigError
+
+        raise ConfigError(f"unknown method(s) {unknown} or model '{args.model}'; methods: "
+                          f"{sorted(profile.methods)}; models: {sorted(profile.models)}")
+    groups: dict[str, dict] = {}  # one bench per architecture (each method's own, or --model)
+    for name in names:
+        groups.setdefault(args.model or profile.methods[name].model, {})[name] = profile.methods[name]
+    for model_key, methods in groups.items():
+        rows = run_bench(methods, profile.models[model_key], args.batch, device=args.device,
+                         steps=args.steps, warmup=args.warmup)
+        print(format_bench(rows))
+
+
+def cmd_dvc_yaml(args) -> None:
+    from .config import load_params
+    from .plan import dvc_yaml
+
+    text = dvc_yaml(load_params(args.params), params_file=args.params)
+    out = Path(args.out)
+    if args.check:
+        if not out.exists() or out.read_text() != text:
+            raise SystemExit(f"{out} is out of date with {args.params}; run `robust-ebm dvc-yaml` and commit it")
+        print(f"{out} is up to date")
+        return
+    from .runtime import atomic_write_text
+
+    atomic_write_text(out, text)
+    print(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robust-ebm", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, func, help, *, run=False, model=False):
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--profile", default=None, help="profile name (default: `profile:` in params)")
+        p.add_argument("--log", default=None, help="also write all output to this file")
+        if run:
+            p.add_argument("--dataset", required=True, help="data set key of params `datasets`")
+            p.add_argument("--method", required=True, help="method key of params `methods`")
+            p.add_argument("--seed", required=True, type=int)
+            p.add_argument("--data", required=True, help="prepared data directory (the data stage's --out)")
+        if model:
+            p.add_argument("--model", required=True,
+                           help="classifier file (save_classifier format); any compatible file works")
+        return p
+
+    p = add("check", cmd_check, "validate params.yaml and print the job plan of a profile")
+    p.add_argument("--jobs", action="store_true", help="also print every job's command")
+    p = add("data", cmd_data, "prepare a data set: splits and class statistics")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--out", required=True)
+    p = add("train", cmd_train, "train one (data set, method, seed) run", run=True)
+    p.add_argument("--out", required=True, help="run directory: model.pt, checkpoint.pt, train.json")
+    p = add("evaluate", cmd_evaluate, "clean, PGD, energy attacks and AutoAttack accuracy", run=True, model=True)
+    p.add_argument("--out", required=True, help="JSON file")
+    p = add("generate", cmd_generate, "sample images from the classifier's energy", run=True, model=True)
+    p.add_argument("--out", required=True, help="samples directory")
+    p = add("metrics", cmd_metrics, "IS/FID (Inception and reference classifier), Fisher scores, energies",
+            run=True, model=True)
+    p.add_argument("--samples", required=True, help="the generate stage's directory")
+    p.add_argument("--refclf", default=None, help="reference classifier (standard training, same data set)")
+    p.add_argument("--eval", default=None, help="the evaluate stage's JSON (energies of clean/adversarial)")
+    p.add_argument("--out", required=True, help="JSON file")
+    for name, func, text in (("figures", cmd_figures, "draw every figure from a profile's results"),
+                             ("tables", cmd_tables, "paper-vs-ours tables (Markdown, CSV, LaTeX)")):
+        p = add(name, func, text)
+        p.add_argument("--results", required=True, help="results/<profile>")
+        p.add_argument("--out", required=True)
+    p = sub.add_parser("bench", help="images/s and peak memory per method",
+                       description="images/s and peak memory per method (training step incl. attack/sampling)")
+    p.set_defaults(func=cmd_bench)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profile", default=None)
+    p.add_argument("--log", default=None)
+    p.add_argument("--model", default=None, help="models key (default: each method's own model)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--methods", nargs="+", default=None, help="method keys (default: all)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p = add("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the job plans of every profile")
+    p.add_argument("--out", default="dvc.yaml")
+    p.add_argument("--check", action="store_true", help="only check that --out is up to date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "log", None))
+    try:
+        args.func(args)
+    except Exception as err:  # noqa: BLE001 - known user errors become one paragraph, others re-raise
+        names = {cls.__name__ for cls in type(err).__mro__}
+        if not names & USER_ERRORS:
+            raise
+        print(f"robust-ebm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,679 @@
+"""Schema of params.yaml, its validation, and profile resolution.
+
+params.yaml is the single source of truth. `load_params` validates all of it
+before any work: the top-level sections, every profile's merged view and
+every name a profile, method or generator refers to. Any problem raises one
+`ConfigError` that lists each bad key by its dotted path and the allowed
+values.
+
+    params = load_params("params.yaml")
+    prof = params.profile_config("smoke")          # ProfileConfig (overrides merged)
+    for dataset, method in prof.runs:
+        for seed in prof.seeds:
+            run = prof.run(dataset, method, seed)   # RunConfig: everything one job needs
+
+Profile merge order (`ProfileSpec.overrides`, applied to the top-level sections):
+  1. the top-level sections as written;
+  2. in `datasets`, `models` and `methods`: the override under the key "*"
+     is deep-merged onto every entry, but never turns a null/absent optional
+     value into a set one (so `"*": {sampler: {steps: 2}}` shortens every
+     sampler without giving standard training one);
+  3. the override under an entry's own name is deep-merged on top;
+  4. every other section is deep-merged as is.
+Deep merge: mappings merge key by key; lists, scalars and null replace.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from .attacks import AttackConfig
+from .models import ModelConfig
+from .sampling import SamplerConfig
+from .schema_types import Fraction, Strict
+
+DATA_ROOT_ENV = "ROBUST_EBM_DATA_ROOT"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class ConfigError(ValueError):
+    """params.yaml (or a profile of it) is invalid; the message lists every bad key."""
+
+
+# --------------------------------------------------------------------------- paths, tracking, data sets
+
+
+class PathsConfig(Strict):
+    results: str = "results"
+    data_root: str = Field(".cache/data", description=f"parent of every data set root; env {DATA_ROOT_ENV} overrides")
+    inception_weights: str | None = Field(None, description="local pt_inception weights file (offline FID/IS)")
+    torch_home: str | None = None
+
+
+class TrackingConfig(Strict):
+    experiment_prefix: str = "robust-ebm"
+    uri: str | None = Field(None, description=f"null: env {TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI}")
+
+
+class DatasetConfig(Strict):
+    """One data set. `root` defaults to <paths.data_root>/<key> (resolved by `ProfileConfig.dataset`)."""
+
+    source: Literal["sklearn_digits", "torchvision", "imagefolder"]
+    name: Literal["CIFAR10", "CIFAR100", "SVHN"] | None = Field(None, description="torchvision class (source torchvision)")
+    root: str | None = None
+    num_classes: int = Field(ge=2)
+    channels: Literal[1, 3]
+    image_size: int = Field(ge=8)
+    n_valid: int = Field(ge=0, description="held out from train by split_seed; used for model selection")
+    n_train: int | None = Field(None, ge=1, description="keep only this many training images (mini profile); null: all")
+    split_seed: int = Field(0, ge=0, description="seed of the train/valid split (one split per data set)")
+    download: bool = Field(False, description="try torchvision's download when nothing local is found")
+    n_test: int | None = Field(None, ge=1, description="sklearn_digits: size of its stratified test split")
+    stats_rank: int = Field(64, ge=1, description="max rank of the per-class Gaussian (data.class_stats)")
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if self.source == "torchvision" and self.name is None:
+            raise ValueError("source 'torchvision' needs name: one of CIFAR10, CIFAR100, SVHN")
+        if self.source != "torchvision" and self.name is not None:
+            raise ValueError(f"name is only used with source 'torchvision'; remove it for source '{self.source}'")
+        if self.source == "sklearn_digits":
+            if (self.channels, self.image_size, self.num_classes) != (1, 8, 10):
+                raise ValueError("sklearn digits are 8x8 grayscale with 10 classes: set channels 1, image_size 8, num_classes 10")
+            if self.n_test is None:
+                raise ValueError("source 'sklearn_digits' needs n_test (size of its test split, e.g. 360)")
+        if self.source == "torchvision":
+            want = {"CIFAR10": 10, "CIFAR100": 100, "SVHN": 10}[self.name]
+            if (self.channels, self.image_size, self.num_classes) != (3, 32, want):
+                raise ValueError(f"{self.name} is 32x32 RGB with {want} classes: set channels 3, image_size 32, num_classes {want}")
+        return self
+
+
+# --------------------------------------------------------------------------- one training method
+
+
+Augment = Literal["crop_flip", "flip", "none"]
+
+
+class DataConfig(Strict):
+    """Batches of one method. The p(x) stream (JEM family) is a second, independent loader."""
+
+    batch_size: int = Field(ge=1)
+    px_batch_size: int | None = Field(None, ge=1, description="second p(x) batch stream; null: none")
+    augment: Augment = "crop_flip"
+    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2), not clamped (JEM 0.03; noise injection)")
+    px_augment: Augment | None = Field(None, description="augmentation of the p(x) stream; null: same as augment")
+    px_noise_std: Fraction | None = Field(None, ge=0.0, description="noise of the p(x) stream; null: same as noise_std")
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "sam"]
+    lr: float = Field(gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    sam_rho: float = Field(0.05, gt=0.0, description="SAM neighbourhood radius (SADA-JEM: 2.0, adaptive)")
+    sam_adaptive: bool = False
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas):
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        return betas
+
+
+class ScheduleConfig(Strict):
+    """Learning-rate schedule, stepped per iteration (warm-up, onecycle) or per epoch (multistep)."""
+
+    name: Literal["constant", "multistep", "cosine", "onecycle"]
+    epochs: int = Field(ge=1)
+    milestones: list[int] = Field(default_factory=list, description="epochs where lr *= gamma (multistep)")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_iters: int = Field(0, ge=0, description="linear warm-up from 0 (JEM family: 1000)")
+    pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of steps spent rising")
+
+    @field_validator("milestones")
+    @classmethod
+    def _check_milestones(cls, milestones):
+        if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
+            raise ValueError(f"milestones must be positive and strictly increasing, got {milestones}")
+        return milestones
+
+
+class SelectConfig(Strict):
+    """Which epoch's weights become model.pt (never chosen on the test set)."""
+
+    rule: Literal["last", "best_val_clean", "best_val_pgd"] = "last"
+    from_epoch: int = Field(0, ge=0, description="ignore epochs before this one (WEAT: 90)")
+
+
+class GuardConfig(Strict):
+    """Divergence guard: on |loss| > max_abs_loss (or energy gap too large) resume from the last good checkpoint."""
+
+    max_abs_loss: float = Field(1e8, gt=0.0)
+    max_energy_gap: float | None = Field(None, gt=0.0)
+    max_retries: int = Field(3, ge=0)
+    remedy: Literal["lr_decay", "more_sgld_steps", "reseed"] = "lr_decay"
+    lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
+
+
+class DynamicsConfig(Strict):
+    """Energy dynamics during training (JEAT Fig.3, WEAT ΔE curves) on a fixed training subset."""
+
+    every_n_epochs: int = Field(1, ge=0, description="0: off")
+    n_fixed: int = Field(512, ge=1)
+    every_n_steps: int = Field(10, ge=0, description="JEAT Δx/Δθ probes on batches with x_adv every N steps; 0: off")
+
+
+class MethodConfig(Strict):
+    """One training method: `loss` names the file in methods/; `params` holds its own weights and switches."""
+
+    loss: str = Field(min_length=1)
+    model: str = Field(min_length=1, description="key of `models`")
+    data: DataConfig
+    optim: OptimConfig
+    schedule: ScheduleConfig
+    attack: AttackConfig | None = None
+    sampler: SamplerConfig | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    dynamics: DynamicsConfig = Field(default_factory=DynamicsConfig)
+
+    @model_validator(mode="after")
+    def _check_selection_window(self):
+        if self.select.from_epoch >= self.schedule.epochs:
+            raise ValueError(f"select.from_epoch={self.select.from_epoch} is not below schedule.epochs={self.schedule.epochs}: "
+                             "no epoch could be selected; lower select.from_epoch")
+        return self
+
+
+# --------------------------------------------------------------------------- training loop, evaluation, generation
+
+
+class TrainingConfig(Strict):
+    """Settings of the one training loop shared by every method."""
+
+    precision: Literal["auto", "fp32", "bf16", "tf32"] = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="extra mid-epoch checkpoints; null: per epoch only")
+    val_n_examples: int = Field(1000, ge=1)
+    val_pgd: AttackConfig = Field(default_factory=lambda: AttackConfig(steps=20))
+    val_batch_size: int = Field(256, ge=1, description="images per forward pass in validation and dynamics")
+    log_every_steps: int = Field(100, ge=1)
+    grid_every_epochs: int = Field(10, ge=0, description="sample grid to MLflow every N epochs; 0: off")
+
+
+class AutoAttackConfig(Strict):
+    version: Literal["standard", "plus", "rand"] = "standard"
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: Fraction = Field(8 / 255, gt=0.0)
+    n_examples: int | None = Field(None, ge=1, description="null: full test set")
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+
+
+class EOTConfig(Strict):
+    samples: int = Field(20, ge=1, description="EOT gradient samples for models with test-time noise")
+
+
+class EvaluationConfig(Strict):
+    batch_size: int = Field(256, ge=1)
+    n_examples: int | None = Field(None, ge=1, description="null: full test set")
+    pgd: AttackConfig
+    energy_attack: AttackConfig
+    ebjdat_scale: AttackConfig
+    autoattack: AutoAttackConfig = Field(default_factory=AutoAttackConfig)
+    eot: EOTConfig = Field(default_factory=EOTConfig)
+
+
+class GeneratorSpec(Strict):
+    """One way to draw samples from a classifier (papers.md §3.5)."""
+
+    kind: Literal["sgld", "targeted_pgd", "buffer"]
+    sampler: SamplerConfig | None = None
+    attack: AttackConfig | None = None
+    init: Literal["uniform", "gaussian", "pca", "buffer", "data", "noisy_data"] = "gaussian"
+    pca_fraction: float = Field(0.95, gt=0.0, le=1.0, description="init 'pca': variance kept (WEAT 95%)")
+    pca_sigma: float = Field(0.005, ge=0.0, description="init 'pca': pixel noise added (WEAT sigma_pca)")
+    methods: Literal["all"] | list[str] = "all"
+
+    @model_validator(mode="after")
+    def _check_kind(self):
+        if self.kind == "sgld" and self.sampler is None:
+            raise ValueError("kind 'sgld' needs a sampler section")
+        if self.kind == "targeted_pgd" and (self.attack is None or not self.attack.targeted):
+            raise ValueError("kind 'targeted_pgd' needs an attack section with targeted: true")
+        if (self.kind == "buffer") != (self.init == "buffer"):
+            raise ValueError("init 'buffer' goes with kind 'buffer' and only with it")
+        return self
+
+    def applies_to(self, method: str) -> bool:
+        return self.methods == "all" or method in self.methods
+
+
+class GenerationConfig(Strict):
+    n_per_class: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    generators: dict[str, GeneratorSpec]
+
+    def for_method(self, method: str) -> dict[str, GeneratorSpec]:
+        """The generators that apply to `method`, in params order."""
+        return {name: spec for name, spec in self.generators.items() if spec.applies_to(method)}
+
+
+class InceptionConfig(Strict):
+    n_uniform: int = Field(50000, ge=1, description="samples for the headline IS/FID")
+    n_small: int = Field(10000, ge=1, description="samples for the 10k protocol (WEAT)")
+    splits: int = Field(10, ge=1)
+    reference: Literal["train", "test", "train+test"] = "train"
+
+
+class RefClfConfig(Strict):
+    enabled: bool = True
+    method: str = Field("standard", description="method whose model is the stand-in feature network")
+
+
+class FisherConfig(Strict):
+    probes: int = Field(4, ge=1, description="Hutchinson Rademacher probes")
+    n_examples: int = Field(1000, ge=1)
+
+
+class EnergyStatsConfig(Strict):
+    n_examples: int = Field(10000, ge=1)
+
+
+class MetricsConfig(Strict):
+    batch_size: int = Field(200, ge=1, description="forward batch of the metric networks")
+    inception: InceptionConfig = Field(default_factory=InceptionConfig)
+    refclf: RefClfConfig = Field(default_factory=RefClfConfig)
+    fisher: FisherConfig = Field(default_factory=FisherConfig)
+    energy: EnergyStatsConfig = Field(default_factory=EnergyStatsConfig)
+    batch_size: int = Field(100, ge=1, description="images per forward pass (Inception, refclf, Fisher, energies)")
+
+
+class LandscapeConfig(Strict):
+    grid: int = Field(51, ge=3)
+    radius: Fraction = Field(1.74, gt=0.0, description="L2 radius of the plane; 8/255*sqrt(3072) ~ 1.74")
+    n_images: int = Field(4, ge=1)
+
+
+class HistogramsConfig(Strict):
+    bins: int = Field(200, ge=1)
+    range: tuple[float, float] = (-40.0, 20.0)
+    attacks: list[str] = Field(default_factory=lambda: ["pgd"], min_length=1)
+
+    @field_validator("range")
+    @classmethod
+    def _check_range(cls, value):
+        if value[0] >= value[1]:
+            raise ValueError(f"range must be [low, high] with low < high, got {list(value)}")
+        return value
+
+
+class SamplesFigureConfig(Strict):
+    n_per_class: int = Field(10, ge=1)
+
+
+class NearestConfig(Strict):
+    n_images: int = Field(4, ge=1, description="generated images shown with their nearest training images (JEAT Fig.7)")
+    k: int = Field(10, ge=1, description="nearest training images by SSIM per generated image")
+    generators: list[str] | Literal["all"] = Field("all", description="generators whose samples get a nearest-image figure")
+
+
+class FiguresConfig(Strict):
+    landscape: LandscapeConfig = Field(default_factory=LandscapeConfig)
+    histograms: HistogramsConfig = Field(default_factory=HistogramsConfig)
+    samples: SamplesFigureConfig = Field(default_factory=SamplesFigureConfig)
+    nearest: NearestConfig = Field(default_factory=NearestConfig)
+    formats: list[Literal["png", "pdf"]] = Field(["png", "pdf"], min_length=1, description="file formats of every figure")
+
+
+# --------------------------------------------------------------------------- profiles and the whole file
+
+
+class ProfileSpec(Strict):
+    """A profile as written: which runs, which seeds, and overrides of the top-level sections."""
+
+    description: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seeds: list[int] = Field(min_length=1)
+    runs: dict[str, list[str] | Literal["all"]] = Field(min_length=1, description="dataset -> methods or 'all'")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    table_datasets: dict[str, str] = Field(default_factory=dict, description="paper data-set name -> dataset key")
+
+
+class Sections(Strict):
+    """Every top-level section a profile may override."""
+
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    datasets: dict[str, DatasetConfig]
+    models: dict[str, ModelConfig]
+    methods: dict[str, MethodConfig]
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig
+    generation: GenerationConfig
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    figures: FiguresConfig = Field(default_factory=FiguresConfig)
+
+
+SECTION_NAMES = tuple(Sections.model_fields)
+STAR_SECTIONS = ("datasets", "models", "methods")
+
+
+class RunConfig(Strict):
+    """Everything one (profile, dataset, method, seed) job needs, fully resolved."""
+
+    profile: str
+    dataset_name: str
+    dataset: DatasetConfig
+    method_name: str
+    method: MethodConfig
+    model: ModelConfig
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    generation: GenerationConfig
+    metrics: MetricsConfig
+    figures: FiguresConfig
+    paths: PathsConfig
+    tracking: TrackingConfig
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.profile}/{self.dataset_name}/{self.method_name}/s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (for MLflow params and stage JSON)."""
+        return self.model_dump(mode="json")
+
+
+class ProfileConfig(Sections):
+    """A profile resolved: overrides merged, runs expanded to (dataset, method) pairs, env applied to
+    paths.data_root and tracking.uri, generators' `methods: all` expanded to the list of methods."""
+
+    name: str
+    device: Literal["auto", "cpu", "cuda"]
+    seeds: list[int]
+    runs: list[tuple[str, str]]
+    table_datasets: dict[str, str]
+
+    @property
+    def run_datasets(self) -> list[str]:
+        """Data sets that appear in `runs`, in order."""
+        return list(dict.fromkeys(d for d, _ in self.runs))
+
+    def methods_for(self, dataset: str) -> list[str]:
+        return [m for d, m in self.runs if d == dataset]
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.paths.results) / self.name
+
+    def dataset(self, key: str) -> DatasetConfig:
+        """DatasetConfig of `key` with `root` resolved (default <paths.data_root>/<key>)."""
+        if key not in self.datasets:
+            raise ConfigError(f"unknown dataset '{key}' in profile '{self.name}'; allowed: {sorted(self.datasets)}")
+        cfg = self.datasets[key]
+        root = cfg.root if cfg.root is not None else str(Path(self.paths.data_root) / key)
+        return cfg.model_copy(update={"root": root})
+
+    def run(self, dataset: str, method: str, seed: int) -> RunConfig:
+        if method not in self.methods:
+            raise ConfigError(f"unknown method '{method}' in profile '{self.name}'; allowed: {sorted(self.methods)}")
+        method_cfg = self.methods[method]
+        return RunConfig(
+            profile=self.name, dataset_name=dataset, dataset=self.dataset(dataset),
+            method_name=method, method=method_cfg, model=self.models[method_cfg.model],
+            seed=seed, device=self.device, training=self.training, evaluation=self.evaluation,
+            generation=self.generation, metrics=self.metrics, figures=self.figures,
+            paths=self.paths, tracking=self.tracking,
+        )
+
+
+class Params(Sections):
+    """The whole params.yaml (validated by `load_params`)."""
+
+    profile: str = "paper"
+    profiles: dict[str, ProfileSpec] = Field(min_length=1)
+
+    def profile_config(self, name: str | None = None) -> ProfileConfig:
+        """Resolve profile `name` (default: the active `profile`); see the module docstring for merge order."""
+        name = self.profile if name is None else name
+        if name not in self.profiles:
+            raise ConfigError(f"unknown profile '{name}'; allowed: {sorted(self.profiles)}")
+        spec = self.profiles[name]
+        base = self.model_dump(mode="python", include=set(SECTION_NAMES), exclude_unset=True)
+        merged = _apply_overrides(base, spec.overrides)
+        sections = _validate(Sections, merged, where=f"profile '{name}' (params after its overrides)")
+        paths = sections.paths.model_copy(update={"data_root": os.environ.get(DATA_ROOT_ENV) or sections.paths.data_root})
+        tracking = sections.tracking.model_copy(
+            update={"uri": sections.tracking.uri or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI})
+        runs = [(d, m) for d, ms in spec.runs.items() for m in (list(sections.methods) if ms == "all" else ms)]
+        generation = sections.generation.model_copy(update={"generators": {
+            key: gen.model_copy(update={"methods": [m for m in sections.methods if gen.applies_to(m)]})
+            for key, gen in sections.generation.generators.items()}})
+        fields = {k: getattr(sections, k) for k in SECTION_NAMES}
+        fields |= {"paths": paths, "tracking": tracking, "generation": generation}
+        return ProfileConfig(name=name, device=spec.device, seeds=spec.seeds, runs=runs,
+                             table_datasets=spec.table_datasets, **fields)
+
+
+# --------------------------------------------------------------------------- loading and validation
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate params.yaml: every section, every profile, every cross-reference."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path.resolve()}; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML:\n{err}") from err
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: Any, *, source: str = "params") -> Params:
+    """Validate an already-parsed params mapping (see `load_params`)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    params = _validate(Params, raw, where=source)
+    problems = _reference_problems(params, params, prefix="")
+    if problems:
+        raise ConfigError(_report(source, problems))
+    if params.profile not in params.profiles:
+        raise ConfigError(f"{source}:\n  - profile: '{params.profile}' is not a profile; allowed: {sorted(params.profiles)}")
+    for name, spec in params.profiles.items():
+        unknown = sorted(set(spec.overrides) - set(SECTION_NAMES))
+        if unknown:
+            raise ConfigError(f"{source}:\n  - profiles.{name}.overrides: unknown section(s) {unknown}; "
+                              f"allowed: {list(SECTION_NAMES)}")
+        resolved = params.profile_config(name)
+        problems = _reference_problems(resolved, spec, prefix=f"profiles.{name}.")
+        if problems:
+            raise ConfigError(_report(f"{source}, profile '{name}'", problems))
+    return params
+
+
+def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, prefix: str) -> list[str]:
+    """Names that must exist: models of methods, methods of generators, the refclf method, profile runs."""
+    problems = []
+    datasets, models, methods = sorted(sections.datasets), sorted(sections.models), sorted(sections.methods)
+    for name, method in sections.methods.items():
+        if method.model not in sections.models:
+            problems.append(f"methods.{name}.model: unknown model '{method.model}'; allowed: {models}")
+    for name, spec in sections.generation.generators.items():
+        for m in [] if spec.methods == "all" else spec.methods:
+            if m not in sections.methods:
+                problems.append(f"generation.generators.{name}.methods: unknown method '{m}'; allowed: {methods}")
+    if sections.metrics.refclf.enabled and sections.metrics.refclf.method not in sections.methods:
+        problems.append(f"metrics.refclf.method: unknown method '{sections.metrics.refclf.method}'; allowed: {methods}")
+    specs = runs_from.profiles.items() if isinstance(runs_from, Params) else [(None, runs_from)]
+    for pname, spec in specs:
+        where = f"profiles.{pname}." if pname is not None else prefix
+        for d, ms in spec.runs.items():
+            if d not in sections.datasets:
+                problems.append(f"{where}runs.{d}: unknown dataset '{d}'; allowed: {datasets}")
+            for m in [] if ms == "all" else ms:
+                if m not in sections.methods:
+                    problems.append(f"{where}runs.{d}: unknown method '{m}'; allowed: {methods} or 'all'")
+        for paper_name, d in spec.table_datasets.items():
+            if d not in sections.datasets:
+                problems.append(f"{where}table_datasets.{paper_name}: unknown dataset '{d}'; allowed: {datasets}")
+    problems += _method_params_problems(sections)
+    return problems
+
+
+def _method_params_problems(sections: Sections) -> list[str]:
+    """Ask robust_ebm.methods.validate_params(loss, params) about each method, once that package exists."""
+    try:
+        methods_pkg = importlib.import_module("robust_ebm.methods")
+    except ModuleNotFoundError as err:
+        if err.name == "robust_ebm.methods":
+            return []
+        raise
+    validate = getattr(methods_pkg, "validate_params", None)
+    if validate is None:
+        return []
+    problems = []
+    for name, method in sections.methods.items():
+        try:
+            validate(method.loss, method.params)
+        except (ValueError, KeyError, TypeError) as err:
+            problems.append(f"methods.{name}.params (loss '{method.loss}'): {err}")
+    return problems
+
+
+def _validate(model: type[BaseModel], data: dict, *, where: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_report(where, [_describe(e, model) for e in err.errors()])) from None
+
+
+def _report(where: str, problems: list[str]) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"{where} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}"
+
+
+def _describe(error: dict, root: type[BaseModel]) -> str:
+    """One pydantic error as 'dotted.key.path: message (allowed values)'."""
+    loc = [str(part) for part in error["loc"] if not _is_union_tag(part)]
+    key = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(root, loc[:-1])
+        return f"{key}: unknown key; allowed keys here: {allowed}"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    named = re.match(r"(\w+)=", msg)   # a model-level check that names its field ("eps=2.0 exceeds 1 ...")
+    if named and named.group(1) in _allowed_keys(root, loc):
+        key = f"{key}.{named.group(1)}"
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic puts the union member tried into loc (e.g. "list[str]", "literal['all']"); drop it."""
+    return isinstance(part, str) and ("[" in part or part in {"function-after", "function-before"})
+
+
+def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names of the model found by walking `loc` from `root` (dict keys and list indices are skipped)."""
+    annotation: Any = root
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(part)
+            if field is None:
+                return []
+            annotation = field.annotation
+        else:  # dict[str, X] or list[X]: this part is a key or an index
+            args = typing.get_args(annotation)
+            annotation = args[-1] if args else Any
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap(annotation):
+    """X | None -> X."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+# --------------------------------------------------------------------------- profile overrides
+
+
+def _apply_overrides(base: dict, overrides: dict) -> dict:
+    """Merge a profile's overrides onto the top-level sections (order: module docstring)."""
+    merged = copy.deepcopy(base)
+    for section, override in overrides.items():
+        if section in STAR_SECTIONS and isinstance(override, dict):
+            entries = dict(merged.get(section) or {})
+            star = override.get("*")
+            entry_model = typing.get_args(Sections.model_fields[section].annotation)[1]
+            for key in entries:
+                if isinstance(star, dict) and isinstance(entries[key], dict):
+                    entries[key] = _merge_star(entries[key], star, entry_model)
+            for key, value in override.items():
+                if key != "*":
+                    entries[key] = _deep_merge(entries.get(key), value)
+            merged[section] = entries
+        else:
+            merged[section] = _deep_merge(merged.get(section), override)
+    return merged
+
+
+def _deep_merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for key, value in override.items():
+            out[key] = _deep_merge(base.get(key), value)
+        return out
+    return copy.deepcopy(override)
+
+
+def _merge_star(base: dict, override: dict, model: type[BaseModel] | None) -> dict:
+    """Deep merge that skips keys whose current value (as written, else the field default) is None."""
+    out = dict(base)
+    for key, value in override.items():
+        field = model.model_fields.get(key) if model is not None else None
+        if key in base:
+            current = base[key]
+        elif field is not None and field.default_factory is not None:
+            default = field.default_factory()
+            current = default.model_dump() if isinstance(default, BaseModel) else default
+        else:
+            current = field.default if field is not None and not field.is_required() else value
+        if current is None:
+            continue
+        if isinstance(value, dict) and isinstance(current, dict):
+            sub = _unwrap(field.annotation) if field is not None else None
+            sub = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+            out[key] = _merge_star(current, value, sub)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

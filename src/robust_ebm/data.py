@@ -1,0 +1,444 @@
+"""Data sets, train/valid/test splits, fast tensor loaders and per-class Gaussian statistics.
+
+Images are kept as uint8 NCHW tensors in memory and become float [0,1]
+batches in the loader, where augmentation runs vectorised on the batch
+(no per-image PIL). Sources:
+
+- `sklearn_digits`: scikit-learn's 8x8 digits (offline; values 0..16 -> 0..255),
+  a fixed stratified test split of `n_test` images.
+- `torchvision`: CIFAR10 / CIFAR100 / SVHN. Looked up in this order under
+  `root`: an ImageFolder layout (train/<class>/*, test/<class>/*), the
+  torchvision files, a torchvision download (if `download`). Otherwise
+  `DataUnavailableError` says what was tried and how to provide the data.
+- `imagefolder`: root/train/<class>/* and root/test/<class>/* (or val/),
+  resized to `image_size`.
+
+The validation split is drawn from train by `split_seed`; the test split is
+never used for selection. `prepare_stage` is the `data` stage of the workflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .runtime import atomic_torch_save, atomic_write_json, pick_device
+
+if TYPE_CHECKING:  # config imports sampling/models; keep data importable from them without a cycle
+    from .config import DatasetConfig, Params
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+JPEG_CIFAR_NOTE = "JPEG q75 ImageFolder copy: close to, not equal to, official CIFAR-10"
+
+
+class DataUnavailableError(RuntimeError):
+    """A data set is neither on disk nor downloadable; the message says how to provide it."""
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class TensorSplit:
+    """uint8 images (N, C, H, W) and int64 labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+        self.labels = self.labels.long()
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Tensor) -> TensorSplit:
+        return TensorSplit(self.images[index], self.labels[index])
+
+    def float01(self) -> Tensor:
+        """All images as float [0,1]."""
+        return self.images.float().div_(255)
+
+
+@dataclass
+class Splits:
+    train: TensorSplit
+    valid: TensorSplit
+    test: TensorSplit
+    classes: list[str]
+    source: str = ""        # what was actually read (e.g. "imagefolder:/path", "torchvision-files:/path")
+
+
+def load_splits(cfg: DatasetConfig, seed: int | None = None) -> Splits:
+    """Read the data set described by `cfg` (root already resolved) and split off validation.
+
+    The validation split (`cfg.n_valid` images) and the optional `cfg.n_train`
+    subset are drawn from the training images by a generator seeded with
+    `seed` (default `cfg.split_seed`).
+    """
+    if cfg.root is None and cfg.source != "sklearn_digits":
+        raise ValueError("DatasetConfig.root is not resolved; get the config from ProfileConfig.dataset(key)")
+    if cfg.source == "sklearn_digits":
+        train, test, classes, source = _read_digits(cfg.n_test)
+    elif cfg.source == "torchvision":
+        train, test, classes, source = _read_torchvision(cfg)
+    else:
+        train, test, classes, source = _read_imagefolder_root(Path(cfg.root), cfg, dataset=cfg.root)
+    if len(classes) != cfg.num_classes:
+        raise ValueError(f"{source}: found {len(classes)} classes but num_classes is {cfg.num_classes}; fix the data set's num_classes")
+    train, valid = split_train_valid(train, cfg.n_valid, cfg.split_seed if seed is None else seed, n_train=cfg.n_train)
+    return Splits(train=train, valid=valid, test=test, classes=classes, source=source)
+
+
+def split_train_valid(train: TensorSplit, n_valid: int, seed: int, *, n_train: int | None = None) -> tuple[TensorSplit, TensorSplit]:
+    """Random (seeded) disjoint train/valid split; both keep the original order of their images."""
+    if n_valid >= len(train):
+        raise ValueError(f"n_valid={n_valid} leaves no training images (only {len(train)}); lower n_valid")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    valid_idx, train_idx = perm[:n_valid], perm[n_valid:]
+    if n_train is not None:
+        train_idx = train_idx[:n_train]
+    return train.subset(train_idx.sort().values), train.subset(valid_idx.sort().values)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _read_digits(n_test: int) -> tuple[TensorSplit, TensorSplit, list[str], str]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images).mul(255 / 16).round().clamp(0, 255).to(torch.uint8)[:, None]
+    labels = torch.from_numpy(digits.target).long()
+    idx_train, idx_test = train_test_split(torch.arange(len(labels)).numpy(), test_size=n_test,
+                                           stratify=labels.numpy(), random_state=0)
+    idx_train, idx_test = torch.from_numpy(idx_train).sort().values, torch.from_numpy(idx_test).sort().values
+    split = TensorSplit(images, labels)
+    return split.subset(idx_train), split.subset(idx_test), [str(k) for k in range(10)], "sklearn_digits"
+
+
+TORCHVISION_FILES = {"CIFAR10": ["cifar-10-batches-py"], "CIFAR100": ["cifar-100-python"],
+                     "SVHN": ["train_32x32.mat", "test_32x32.mat"]}
+
+
+def _read_torchvision(cfg: DatasetConfig) -> tuple[TensorSplit, TensorSplit, list[str], str]:
+    root = Path(cfg.root)
+    files = ", ".join(TORCHVISION_FILES[cfg.name])
+    if _has_imagefolder(root):
+        return _read_imagefolder_root(root, cfg, dataset=cfg.name)
+    tried = [f"ImageFolder layout {root}/train/<class>/* and {root}/test/<class>/*: not found"]
+    if all((root / f).exists() for f in TORCHVISION_FILES[cfg.name]):
+        try:
+            train, test, classes = _torchvision_splits(cfg.name, root, download=False)
+            return train, test, classes, f"torchvision-files:{root}"
+        except (RuntimeError, OSError) as err:
+            tried.append(f"torchvision files ({files}) in {root}: {_first_line(err)}")
+    else:
+        tried.append(f"torchvision files ({files}) in {root}: not found")
+    if cfg.download:
+        try:
+            train, test, classes = _torchvision_splits(cfg.name, root, download=True)
+            return train, test, classes, f"torchvision-download:{root}"
+        except Exception as err:  # noqa: BLE001 - any network/IO failure means "unavailable"
+            tried.append(f"torchvision download into {root}: {type(err).__name__}: {_first_line(err)}")
+    else:
+        tried.append("torchvision download: not tried (download: false for this data set)")
+    raise DataUnavailableError(
+        f"data set {cfg.name} is not available.\nTried:\n" + "".join(f"  - {t}\n" for t in tried)
+        + "Provide a local copy, either\n"
+        f"  - an ImageFolder root: {root}/train/<class>/*.png and {root}/test/<class>/*.png, or\n"
+        f"  - the torchvision files ({files}) in {root},\n"
+        "and point to it with env ROBUST_EBM_DATA_ROOT (its <dataset key> subfolder), params paths.data_root,\n"
+        "or the data set's own `root`; or allow network access with download: true.")
+
+
+def _torchvision_splits(name: str, root: Path, *, download: bool) -> tuple[TensorSplit, TensorSplit, list[str]]:
+    import torchvision.datasets as tvd
+
+    if name == "SVHN":
+        sets = [tvd.SVHN(str(root), split=s, download=download) for s in ("train", "test")]
+        splits = [TensorSplit(torch.from_numpy(d.data), torch.as_tensor(d.labels)) for d in sets]
+        return splits[0], splits[1], [str(k) for k in range(10)]
+    cls = {"CIFAR10": tvd.CIFAR10, "CIFAR100": tvd.CIFAR100}[name]
+    sets = [cls(str(root), train=t, download=download) for t in (True, False)]
+    splits = [TensorSplit(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(d.targets))
+              for d in sets]
+    return splits[0], splits[1], list(sets[0].classes)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def _has_imagefolder(root: Path) -> bool:
+    return (root / "train").is_dir() and any((root / s).is_dir() for s in ("test", "val"))
+
+
+def _read_imagefolder_root(root: Path, cfg: DatasetConfig, *, dataset: str) -> tuple[TensorSplit, TensorSplit, list[str], str]:
+    if not _has_imagefolder(root):
+        raise DataUnavailableError(
+            f"data set {dataset}: no ImageFolder layout at {root} (need {root}/train/<class>/* and "
+            f"{root}/test/<class>/* or {root}/val/<class>/*). Put the images there, or point to them with "
+            f"env ROBUST_EBM_DATA_ROOT (its <dataset key> subfolder), params paths.data_root, or the data set's `root`.")
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    train, classes = read_image_folder(root / "train", channels=cfg.channels, image_size=cfg.image_size)
+    test, test_classes = read_image_folder(test_dir, channels=cfg.channels, image_size=cfg.image_size)
+    if test_classes != classes:
+        raise ValueError(f"class folders differ between {root / 'train'} and {test_dir}: "
+                         f"{sorted(set(classes) ^ set(test_classes))}")
+    return train, test, classes, f"imagefolder:{root}"
+
+
+def read_image_folder(folder: str | Path, *, channels: int = 3, image_size: int | None = None,
+                      max_per_class: int | None = None) -> tuple[TensorSplit, list[str]]:
+    """Decode folder/<class>/<image> into uint8 tensors (classes in sorted order, as torchvision's ImageFolder).
+
+    Decoded with Pillow; images whose size differs from `image_size` are resized (bilinear, antialiased).
+    `max_per_class` keeps the first files (sorted by name) of each class.
+    """
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataUnavailableError(f"no class folders in {folder}; expected {folder}/<class>/<image files>")
+    files = []
+    for k, name in enumerate(classes):
+        found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        files += [(p, k) for p in found[:max_per_class]]
+    mode = "RGB" if channels == 3 else "L"
+    images = []
+    for path, _ in tqdm(files, desc=f"decoding {folder}", unit="img", mininterval=1.0):
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if image_size is not None and img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+            images.append(np.asarray(img).reshape(image_size or img.size[1], image_size or img.size[0], channels))
+    images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([k for _, k in files], dtype=torch.long)
+    return TensorSplit(images, labels), classes
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+class TensorLoader:
+    """Batches (x, y) of float [0,1] images from an in-memory split, augmented on the batch.
+
+    augment: 'crop_flip' = random 32x32-style crop of the reflect-padded (4 px) image + horizontal flip
+    (p=0.5); 'flip' = flip only; 'none'. noise_std > 0 adds N(0, noise_std^2) without clamping (JEM).
+    All randomness comes from `generator` (CPU), so a seeded generator gives the same batches.
+    """
+
+    def __init__(self, split: TensorSplit, batch_size: int, *, augment: str = "none", noise_std: float = 0.0,
+                 shuffle: bool = True, drop_last: bool = False, generator: torch.Generator | None = None,
+                 device: str | torch.device = "cpu"):
+        if augment not in ("crop_flip", "flip", "none"):
+            raise ValueError(f"augment must be 'crop_flip', 'flip' or 'none', got '{augment}'")
+        if batch_size < 1 or (drop_last and len(split) < batch_size):
+            raise ValueError(f"batch_size={batch_size} with drop_last={drop_last} gives no batch from {len(split)} images")
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        self.batch_size, self.augment, self.noise_std = batch_size, augment, float(noise_std)
+        self.shuffle, self.drop_last, self.generator = shuffle, drop_last, generator
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            x = self.images[idx].float().div_(255)
+            yield self.transform(x), self.labels[idx]
+
+    def transform(self, x: Tensor) -> Tensor:
+        if self.augment == "crop_flip":
+            x = random_crop(x, 4, self.generator)
+        if self.augment in ("crop_flip", "flip"):
+            x = random_flip(x, self.generator)
+        if self.noise_std > 0:
+            x = x + self.noise_std * torch.randn(x.shape, generator=self.generator).to(x.device)
+        return x
+
+
+def make_loader(split: TensorSplit, batch_size: int, *, augment: str = "none", noise_std: float = 0.0,
+                shuffle: bool = True, drop_last: bool = False, generator: torch.Generator | None = None,
+                device: str | torch.device = "cpu") -> TensorLoader:
+    """See `TensorLoader`."""
+    return TensorLoader(split, batch_size, augment=augment, noise_std=noise_std, shuffle=shuffle,
+                        drop_last=drop_last, generator=generator, device=device)
+
+
+def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Flip each image left-right with probability 1/2."""
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
+    """Reflect-pad by `pad`, then crop each image back to H x W at a random offset in [0, 2 pad]."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]      # (B, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]      # (B, 1, 1, W)
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+# --------------------------------------------------------------------------- class statistics
+
+
+@dataclass
+class ClassStats:
+    """Per-class Gaussian of training images in [0,1], low rank plus a diagonal:
+
+        x ~ N(mean_k, basis_k diag(scales_k^2) basis_k^T + diag_eps I)      (JEM++: Σ_k + 1e-4 I)
+
+    A draw: x = mean_k + basis_k @ (scales_k * z) + sqrt(diag_eps) * eps, z, eps ~ N(0, I).
+    basis_k holds orthonormal principal directions (columns beyond a class's rank are zero, scale 0);
+    total_variance_k = trace of the full class covariance (for variance fractions).
+    """
+
+    mean: Tensor            # (K, C, H, W)
+    basis: Tensor           # (K, D, r)
+    scales: Tensor          # (K, r), descending
+    counts: Tensor          # (K,)
+    total_variance: Tensor  # (K,)
+    diag_eps: float = 1e-4
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "basis": self.basis, "scales": self.scales, "counts": self.counts,
+                "total_variance": self.total_variance, "diag_eps": self.diag_eps}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> ClassStats:
+        return cls(**state)
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[-1]
+
+
+def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: int, diag_eps: float = 1e-4,
+                device: str | torch.device = "cpu") -> ClassStats:
+    """Mean and top principal directions of each class (float64 eigendecomposition on `device`, stored float32).
+
+    Rank r = min(D, max_k n_k - 1, max_rank); the unbiased covariance (n_k - 1) is used. A class with
+    n_k <= D is decomposed through its n_k x n_k Gram matrix, otherwise through its D x D covariance
+    (CIFAR-10 with 4,500 images per class: ten 3072 x 3072 eigh, minutes on 2 CPU cores, seconds on a GPU).
+    """
+    n, *shape = images01.shape
+    flat = images01.reshape(n, -1).to(device=device, dtype=torch.float64)
+    labels = labels.to(device)
+    d = flat.shape[1]
+    counts = torch.bincount(labels, minlength=num_classes).cpu()
+    if (counts == 0).any():
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"classes {missing} have no training images; class statistics need at least one per class")
+    r = int(min(d, int(counts.max()) - 1, max_rank))
+    mean = torch.zeros(num_classes, d, dtype=torch.float64, device=device)
+    basis = torch.zeros(num_classes, d, r, dtype=torch.float64, device=device)
+    scales = torch.zeros(num_classes, r, dtype=torch.float64, device=device)
+    total = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    for k in tqdm(range(num_classes), desc="class statistics", unit="class", disable=d < 1024):
+        xk = flat[labels == k]
+        mean[k] = xk.mean(0)
+        centred = (xk - mean[k]) / (len(xk) - 1) ** 0.5
+        total[k] = centred.pow(2).sum()
+        rk = min(r, len(xk) - 1)
+        if rk == 0:        # a single image: the mean alone
+            continue
+        if len(xk) <= d:   # Gram trick: eigenvectors u of X X^T give directions X^T u / sqrt(lambda)
+            values, u = torch.linalg.eigh(centred @ centred.T)
+            values, u = values.flip(0)[:rk].clamp_min(1e-30), u.flip(1)[:, :rk]
+            vectors = centred.T @ u / values.sqrt()
+        else:
+            values, vectors = torch.linalg.eigh(centred.T @ centred)
+            values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        basis[k, :, :rk], scales[k, :rk] = vectors[:, :rk], values[:rk].sqrt()
+    return ClassStats(mean=mean.float().cpu().reshape(num_classes, *shape), basis=basis.float().cpu(),
+                      scales=scales.float().cpu(), counts=counts, total_variance=total.float().cpu(), diag_eps=diag_eps)
+
+
+def n_components_for_variance(stats: ClassStats, k: int, fraction: float = 0.95) -> int:
+    """Fewest principal directions of class k that keep `fraction` of its total variance (WEAT PCA init)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    explained = stats.scales[k].double().pow(2).cumsum(0) / stats.total_variance[k].double()
+    reached = (explained >= fraction - 1e-6).nonzero()
+    if len(reached) == 0:
+        raise ValueError(f"class {k}: the stored rank {stats.rank} keeps only {float(explained[-1]):.3f} of the variance, "
+                         f"less than {fraction}; raise the data set's stats_rank in params.yaml")
+    return int(reached[0]) + 1
+
+
+# --------------------------------------------------------------------------- the data stage
+
+
+def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Path) -> dict:
+    """Load `dataset` as `profile` configures it; write splits.pt, class_stats.pt and data.json to out_dir."""
+    prof = params.profile_config(profile)
+    cfg, out_dir = prof.dataset(dataset), Path(out_dir)
+    splits = load_splits(cfg)
+    stats = class_stats(splits.train.float01(), splits.train.labels, cfg.num_classes, cfg.stats_rank,
+                        device=pick_device(prof.device))
+    splits_path = atomic_torch_save(_splits_to_dict(splits), out_dir / "splits.pt")
+    atomic_torch_save(stats.to_dict(), out_dir / "class_stats.pt")
+    summary = {
+        "profile": profile, "dataset": dataset, "source": splits.source, "root": cfg.root,
+        "counts": {name: len(getattr(splits, name)) for name in ("train", "valid", "test")},
+        "num_classes": cfg.num_classes, "image_shape": list(splits.train.images.shape[1:]),
+        "split_seed": cfg.split_seed, "classes": splits.classes, "stats_rank": stats.rank,
+        "splits_sha256": _sha256(splits_path),
+    }
+    if cfg.name == "CIFAR10" and splits.source.startswith("imagefolder"):
+        summary["note"] = JPEG_CIFAR_NOTE
+    atomic_write_json(out_dir / "data.json", summary)
+    return summary
+
+
+def load_prepared(out_dir: str | Path) -> tuple[Splits, ClassStats]:
+    """Read what `prepare_stage` wrote (torch.load with weights_only=True)."""
+    out_dir = Path(out_dir)
+    for name in ("splits.pt", "class_stats.pt"):
+        if not (out_dir / name).is_file():
+            raise FileNotFoundError(f"{out_dir / name} is missing; run the data stage first (robust-ebm data ... --out {out_dir})")
+    state = torch.load(out_dir / "splits.pt", map_location="cpu", weights_only=True)
+    splits = Splits(**{name: TensorSplit(state[f"{name}_images"], state[f"{name}_labels"]) for name in ("train", "valid", "test")},
+                    classes=list(state["classes"]), source=state["source"])
+    stats = ClassStats.from_dict(torch.load(out_dir / "class_stats.pt", map_location="cpu", weights_only=True))
+    return splits, stats
+
+
+def _splits_to_dict(splits: Splits) -> dict:
+    state = {"classes": list(splits.classes), "source": splits.source}
+    for name in ("train", "valid", "test"):
+        split = getattr(splits, name)
+        state[f"{name}_images"], state[f"{name}_labels"] = split.images.contiguous(), split.labels.contiguous()
+    return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,288 @@
+"""Evaluation stage: clean accuracy, PGD, energy attacks, AutoAttack and EOT on the test split.
+
+Every column is one threat model, always in pixel units on [0,1] images (the
+model normalises internally), on the first `n_examples` test images in file
+order:
+
+    clean         argmax f(x) = y
+    pgd           L∞ PGD-20 on CE, ε 8/255, α 2/255, random start (JEAT Tab.3, WEAT)
+    energy_attack the same budget, ascending E(x,y) only (JEAT Tab.1, Eq. 18)
+    ebjdat_scale  EB-JDAT's released eval: 8/255 and 1/255 in [-1,1] units,
+                  i.e. ε 4/255, α 0.5/255 pixel units (papers.md §3.2)
+    autoattack    official AutoAttack on the first `autoattack.n_examples`
+    eot           for models with test-time noise σ (meta["noise_std"] > 0):
+                  PGD on E_s[CE(f(x + σ n_s), y)] and decision argmax E_s[softmax f(x + σ n_s)]
+
+Clean, PGD and AutoAttack columns use the deterministic model (no test-time
+noise, papers.md §3.1 [R]); the noise lives only in the EOT column.
+
+Outputs: `<out>.json` (one entry per column with n, accuracy, eps_pixel,
+step_pixel, steps, objective, protocol, status) and `<out>.energies.npz`
+with per-example `labels`, `<column>_marginal` = E(x), `<column>_joint` =
+E(x,y) and `<column>_correct` for clean and every attack that returns its
+adversarial images (the energy histograms and gaps of papers.md §3.8).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .attacks import AttackConfig, perturb
+from .autoattack import run_autoattack
+from .data import load_prepared
+from .energy import joint_energy, marginal_energy
+from .models import ArchitectureRequired, load_classifier
+from .runtime import atomic_write_bytes, atomic_write_json, pick_device, seed_everything
+
+DETERMINISTIC = "not applicable: deterministic model"
+ENTRY_KEYS = ("n", "accuracy", "eps_pixel", "step_pixel", "steps", "objective", "protocol", "status")
+
+
+# ----------------------------------------------------------------------------- EOT
+
+
+class ExpectedLogSoftmax(nn.Module):
+    """g(x) = (1/S) Σ_s log softmax f(x + σ n_s), n_s ~ N(0, I), drawn afresh each call.
+
+    Then E(x,y) of g, -g[y], is E_s[CE(f(x + σ n_s), y)], so ascending the joint
+    energy of g is EOT-PGD on cross-entropy: its gradient is the mean over draws
+    of the per-draw gradients (Athalye et al. 2018).
+    """
+
+    def __init__(self, model: nn.Module, noise_std: float, samples: int, generator: torch.Generator):
+        super().__init__()
+        self.model, self.noise_std, self.samples, self.generator = model, noise_std, samples, generator
+
+    def noisy_logits(self, x: Tensor) -> Tensor:
+        """f(x + σ n_s) for every draw: (S, B, K)."""
+        xs = x.unsqueeze(0).expand(self.samples, *x.shape)
+        noise = torch.randn(xs.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return self.model((xs + self.noise_std * noise).flatten(0, 1)).view(self.samples, x.shape[0], -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.log_softmax(self.noisy_logits(x), dim=2).mean(0)
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """The expected decision: argmax_k E_s[softmax f(x + σ n_s)][k]."""
+        return torch.softmax(self.noisy_logits(x), dim=2).mean(0).argmax(1)
+
+
+# ----------------------------------------------------------------------------- passes over the data
+
+
+def _device_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def evaluate_inputs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    transform: Callable[[Tensor, Tensor], Tensor] | None = None,
+    predict: Callable[[Tensor], Tensor] | None = None,
+    desc: str = "clean",
+) -> dict[str, Tensor]:
+    """One batched pass: x -> transform(x, y) (an attack, or identity), then energies and decisions.
+
+    Returns CPU tensors `correct` (bool), `marginal` E(x'), `joint` E(x',y) and
+    `linf` = max |x' - x| per example. `predict` overrides argmax f(x') (EOT).
+    """
+    out: dict[str, list[Tensor]] = {"correct": [], "marginal": [], "joint": [], "linf": []}
+    for start in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", leave=False):
+        xb = x[start : start + batch_size].to(device)
+        yb = y[start : start + batch_size].to(device)
+        xa = transform(xb, yb) if transform is not None else xb
+        with torch.no_grad():
+            logits = model(xa)
+            pred = predict(xa) if predict is not None else logits.argmax(1)
+        out["correct"].append((pred == yb).cpu())
+        out["marginal"].append(marginal_energy(logits).float().cpu())
+        out["joint"].append(joint_energy(logits, yb).float().cpu())
+        out["linf"].append((xa - xb).abs().flatten(1).amax(1).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def describe_attack(name: str, cfg: AttackConfig) -> str:
+    """A protocol label computed from the config itself, so it can never disagree with what ran."""
+    start = "random start" if cfg.random_start != "none" else "no random start"
+    text = (
+        f"{cfg.norm} PGD-{cfg.steps} on {cfg.objective}, eps {cfg.eps * 255:.4g}/255, "
+        f"step {cfg.step * 255:.4g}/255 pixel units, {start}, {cfg.restarts} restart(s)"
+        f"{'' if cfg.project else ', no projection to the eps-ball'}"
+    )
+    if name == "energy_attack":
+        return f"JEAT Tab.1 energy attack (ascend E(x,y) only): {text}"
+    if name == "ebjdat_scale":
+        return f"ebjdat_scale: {2 * cfg.eps * 255:.4g}/255 in [-1,1] units (EB-JDAT eval code): {text}"
+    return text
+
+
+def _entry(n: int, accuracy: float | None, cfg: AttackConfig | None, protocol: str, status: str = "ok", **extra) -> dict:
+    entry = {
+        "n": n,
+        "accuracy": accuracy,
+        "eps_pixel": cfg.eps if cfg else 0.0,
+        "step_pixel": cfg.step if cfg else 0.0,
+        "steps": cfg.steps if cfg else 0,
+        "objective": cfg.objective if cfg else "none",
+        "protocol": protocol,
+        "status": status,
+    }
+    entry.update(extra)
+    return entry
+
+
+def _check_budget(name: str, cfg: AttackConfig, linf: Tensor) -> float:
+    """Lesson 1 of anchors.md: a number is void if the attack left its ε-ball; fail loudly."""
+    worst = float(linf.max()) if len(linf) else 0.0
+    if cfg.project and cfg.norm == "linf" and worst > cfg.eps + 1e-5:
+        raise RuntimeError(f"attack '{name}' moved a pixel by {worst:.6f} > eps {cfg.eps:.6f}; the attack is broken")
+    return worst
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _load_test(run, data_dir, n_examples: int | None) -> tuple[Tensor, Tensor]:
+    splits, _ = load_prepared(data_dir)
+    images, labels = splits.test.images, splits.test.labels
+    if n_examples is not None:
+        if n_examples > len(labels):
+            raise ValueError(
+                f"evaluation.n_examples={n_examples} but the test split of {data_dir} has only {len(labels)} "
+                f"images; lower evaluation.n_examples or set it to null for the whole split"
+            )
+        images, labels = images[:n_examples], labels[:n_examples]
+    return images.float().div(255.0), labels.long()
+
+
+def _check_model_fits(model, x: Tensor, y: Tensor, model_path) -> None:
+    shape = (getattr(model, "in_channels", x.shape[1]), getattr(model, "image_size", x.shape[2]))
+    if shape != (x.shape[1], x.shape[2]):
+        raise ValueError(
+            f"model {model_path} expects {shape[0]}x{shape[1]}x{shape[1]} images but the test split holds "
+            f"{x.shape[1]}x{x.shape[2]}x{x.shape[3]}; evaluate it on the data set it was trained for"
+        )
+    k = getattr(model, "num_classes", None)
+    if k is not None and len(y) and int(y.max()) >= k:
+        raise ValueError(f"model {model_path} has {k} classes but the test labels reach {int(y.max())}")
+
+
+def load_for_run(run, model_path: Path, device: torch.device):
+    """`load_classifier`; a bare state_dict (a user's own file) takes the run's model config and data shapes."""
+    try:
+        model, meta = load_classifier(model_path, map_location=device)
+    except ArchitectureRequired:
+        d = run.dataset
+        model, meta = load_classifier(model_path, map_location=device, model_config=run.model,
+                                      num_classes=d.num_classes, in_channels=d.channels, image_size=d.image_size)
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
+    """Evaluate one checkpoint (any file `models.load_classifier` reads) and write `out_path` JSON + energies npz."""
+    model_path, out_path = Path(model_path), Path(out_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {model_path}; train first or pass --model with a load_classifier-compatible file")
+    if out_path.suffix != ".json":
+        raise ValueError(f"--out must end in .json (got {out_path}); the energies go beside it as <name>.energies.npz")
+    ev = run.evaluation
+    t0 = time.time()
+    device = pick_device(run.device)
+    seed_everything(run.seed)
+    x, y = _load_test(run, data_dir, ev.n_examples)
+    model, meta = load_for_run(run, model_path, device)
+    _check_model_fits(model, x, y, model_path)
+    noise_std = float(meta.get("noise_std", 0.0) or 0.0)
+
+    columns: dict[str, dict] = {}
+    energies: dict[str, np.ndarray] = {"labels": y.numpy()}
+
+    def keep(name: str, res: dict[str, Tensor]) -> float:
+        energies[f"{name}_marginal"] = res["marginal"].numpy()
+        energies[f"{name}_joint"] = res["joint"].numpy()
+        energies[f"{name}_correct"] = res["correct"].numpy()
+        return float(res["correct"].float().mean()) if len(y) else float("nan")
+
+    clean = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, desc="clean")
+    columns["clean"] = _entry(len(y), keep("clean", clean), None, "clean test images, deterministic model (no test-time noise)")
+
+    for i, name in enumerate(("pgd", "energy_attack", "ebjdat_scale")):
+        cfg: AttackConfig = getattr(ev, name)
+        gen = _device_generator(run.seed + 1000 * (i + 1), device)
+        attack = lambda xb, yb, cfg=cfg, gen=gen: perturb(model, xb, yb, cfg, generator=gen)  # noqa: E731
+        res = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, transform=attack, desc=name)
+        columns[name] = _entry(len(y), keep(name, res), cfg, describe_attack(name, cfg),
+                               max_perturbation_linf=_check_budget(name, cfg, res["linf"]))
+
+    columns["autoattack"] = _autoattack_column(model, x, y, ev, device, energies)
+    columns["eot"] = _eot_column(model, x, y, ev, noise_std, run.seed, device, energies)
+
+    energies_path = out_path.with_suffix(".energies.npz")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **energies)
+    atomic_write_bytes(energies_path, buffer.getvalue())
+    result = {
+        "model_path": str(model_path),
+        "method": getattr(run, "method_name", None),
+        "seed": run.seed,
+        "n_examples": len(y),
+        "test_noise_std": noise_std,
+        "device": str(device),
+        "columns": columns,
+        "energies_file": energies_path.name,
+        "seconds": round(time.time() - t0, 3),
+    }
+    atomic_write_json(out_path, result)
+    if tracker is not None:  # the caller logs `result` and the JSON; the energies go beside them
+        tracker.log_artifact(energies_path, artifact_path="evaluate")
+    return result
+
+
+def _autoattack_column(model, x, y, ev, device, energies) -> dict:
+    """Official AutoAttack on the first n points (deterministic model, eval mode, pixel-unit eps)."""
+    aa = ev.autoattack
+    n = len(y) if aa.n_examples is None else min(aa.n_examples, len(y))
+    out = run_autoattack(model, x[:n], y[:n], eps=aa.eps, norm=aa.norm, version=aa.version,
+                         batch_size=aa.batch_size, seed=aa.seed, device=device, return_adv=True)
+    res = evaluate_inputs(model, out.pop("x_adv"), y[:n], batch_size=ev.batch_size, device=device, desc="autoattack energies")
+    energies["autoattack_marginal"], energies["autoattack_joint"] = res["marginal"].numpy(), res["joint"].numpy()
+    energies["autoattack_correct"] = np.asarray(out.pop("per_example_robust"), dtype=bool)
+    protocol = (f"official AutoAttack '{aa.version}' (pyautoattack; {', '.join(out['attacks'])}), {aa.norm}, "
+                f"eps {aa.eps * 255:.4g}/255 pixel units, first {n} of the {len(y)} evaluated examples, seed {aa.seed}")
+    return {"n": n, "accuracy": out["robust_accuracy"], "eps_pixel": aa.eps, "step_pixel": None, "steps": None,
+            "objective": "autoattack", "protocol": protocol, "status": "ok",
+            "clean_accuracy": out["clean_accuracy"], "flags": out["flags"]}
+
+
+def _eot_column(model, x, y, ev, noise_std, seed, device, energies) -> dict:
+    base = ev.pgd
+    if noise_std <= 0:
+        return _entry(0, None, base, DETERMINISTIC, DETERMINISTIC)
+    samples = ev.eot.samples
+    cfg = base.model_copy(update={"objective": "joint_energy"})
+    wrapped = ExpectedLogSoftmax(model, noise_std, samples, _device_generator(seed + 7, device))
+    protocol = (f"EOT: {describe_attack('eot', base)} on E_s[CE(f(x + sigma n_s), y)] over {samples} noise draws "
+                f"(sigma {noise_std:g} pixel units); decision argmax E_s[softmax]")
+    clean = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, predict=wrapped.predict, desc="eot clean")
+    gen = _device_generator(seed + 8, device)
+    attack = lambda xb, yb: perturb(wrapped, xb, yb, cfg, generator=gen)  # noqa: E731
+    res = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, transform=attack,
+                          predict=wrapped.predict, desc="eot")
+    energies["eot_marginal"], energies["eot_joint"] = res["marginal"].numpy(), res["joint"].numpy()
+    energies["eot_correct"] = res["correct"].numpy()
+    return _entry(len(y), float(res["correct"].float().mean()), base, protocol,
+                  clean_accuracy=float(clean["correct"].float().mean()), samples=samples, noise_std=noise_std,
+                  max_perturbation_linf=_check_budget("eot", base, res["linf"]))

@@ -1,0 +1,408 @@
+"""Every figure of the three papers, drawn from stage outputs (matplotlib, PNG + PDF).
+
+Plotting functions take arrays and return a matplotlib `Figure` (object API, Agg canvas, no pyplot
+state); `figures_stage` finds the stage outputs of a profile and draws whatever is present:
+
+    landscape_{joint,marginal}_<D>_img<i>   E(x0 + a d1 + b d2, y0) and E(...) around a test image (JEAT Fig.2)
+    energy_hist_attacks_<D>_<M>_s<S>        E(x), E(x,y): clean vs each attack          (WEAT Fig.2)
+    energy_hist_clean_adv_gen_<D>_s<S>      E(x,y): clean vs PGD vs generated, per model (EB-JDAT Fig.2)
+    dynamics_<D>_<M>_s<S>                   per-epoch curves of dynamics.json           (JEAT Fig.3, WEAT ΔE)
+    samples_<D>_<M>_s<S>_<gen>              one row per class                           (JEAT Fig.4-6)
+    nearest_ssim_<D>_<M>_s<S>_<gen>         samples and their k nearest training images by SSIM (JEAT Fig.7)
+    clean_vs_autoattack_<D>                 clean vs AutoAttack accuracy of every method (EB-JDAT Fig.1)
+
+`figures.json` in the output folder lists every file and the inputs it was drawn from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from .data import load_prepared
+from .energy import joint_energy, marginal_energy
+from .models import load_classifier
+from .runtime import atomic_write_bytes, atomic_write_json, pick_device
+
+def save_figure(fig: Figure, out_dir: Path, name: str, formats=("png", "pdf")) -> list[Path]:
+    """Write `name`.<format> for each format atomically; return their paths."""
+    paths = []
+    for fmt in formats:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=fmt, dpi=150, bbox_inches="tight")
+        paths.append(atomic_write_bytes(Path(out_dir) / f"{name}.{fmt}", buffer.getvalue()))
+    return paths
+
+
+# ----------------------------------------------------------------------------- energy landscape (JEAT Fig.2)
+
+def random_directions(shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two Gaussian directions of `shape`, each scaled to unit L2 norm."""
+    d1, d2 = torch.randn(2, *shape, generator=generator)
+    return d1 / d1.norm(), d2 / d2.norm()
+
+
+def grid_coordinates(radius: float, grid: int) -> torch.Tensor:
+    """`grid` points on [-radius, radius]; for odd `grid` the middle one is exactly 0 (the image itself)."""
+    half = (grid - 1) / 2
+    return radius * (torch.arange(grid, dtype=torch.float64) - half) / half
+
+
+@torch.no_grad()
+def energy_landscape(model, x0, y0: int, d1, d2, radius: float, grid: int, *, batch_size: int = 256) -> dict:
+    """E(x0 + a d1 + b d2, y0) and E(x0 + a d1 + b d2) on a grid x grid plane (a rows -> b columns).
+
+    Points are not clipped to [0,1]: the plot shows the energy function itself around x0.
+    Returns {"coords": (grid,), "E_xy": (grid, grid), "E_x": (grid, grid)} as numpy arrays.
+    """
+    device = next(model.parameters()).device
+    coords = grid_coordinates(radius, grid)
+    a, b = torch.meshgrid(coords, coords, indexing="ij")
+    offsets = a.reshape(-1, 1) * d1.reshape(1, -1).double() + b.reshape(-1, 1) * d2.reshape(1, -1).double()
+    points = (x0.reshape(1, -1).double() + offsets).float().view(-1, *x0.shape)
+    was_training = model.training
+    model.eval()
+    try:
+        e_xy, e_x = [], []
+        for chunk in torch.split(points, batch_size):
+            logits = model(chunk.to(device))
+            e_xy.append(joint_energy(logits, torch.full((len(chunk),), int(y0), device=device)).cpu())
+            e_x.append(marginal_energy(logits).cpu())
+    finally:
+        model.train(was_training)
+    return {"coords": coords.numpy(), "E_xy": torch.cat(e_xy).view(grid, grid).numpy(),
+            "E_x": torch.cat(e_x).view(grid, grid).numpy()}
+
+
+def _panel_grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    """(rows, columns) for n panels, at most `max_cols` per row."""
+    cols = min(max_cols, n)
+    return -(-n // cols), cols
+
+
+def plot_landscapes(panels: dict[str, dict], kind: str, title: str) -> Figure:
+    """One contour panel per model; `panels` maps model name -> energy_landscape output. kind: E_xy | E_x."""
+    label = {"E_xy": "E(x, y)", "E_x": "E(x)"}[kind]
+    n_rows, n_cols = _panel_grid(len(panels))
+    fig = Figure(figsize=(4.0 * n_cols, 3.6 * n_rows), layout="constrained")
+    for i, (name, land) in enumerate(panels.items()):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        c = land["coords"]
+        cs = ax.contourf(c, c, land[kind].T, levels=30, cmap="viridis")  # darker = lower energy
+        fig.colorbar(cs, ax=ax, label=label)
+        ax.plot([0], [0], marker="*", color="tab:blue", markersize=14, markeredgecolor="white", label="x0 (test image)")
+        ax.set(title=name, xlabel="a (direction d1, L2)", ylabel="b (direction d2, L2)")
+        ax.legend(loc="upper right", fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- energy histograms
+
+def _hist_range(arrays, configured: tuple[float, float]) -> tuple[tuple[float, float], bool]:
+    """The configured range, unless it holds less than half the values or the values fill less than a
+    tenth of it (a smoke-sized model): then the data's 1-99% range."""
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return tuple(configured), False
+    inside = np.mean((values >= configured[0]) & (values <= configured[1]))
+    lo, hi = np.percentile(values, [1, 99])
+    if inside >= 0.5 and hi - lo >= 0.1 * (configured[1] - configured[0]):
+        return tuple(configured), False
+    pad = 0.05 * max(hi - lo, 1e-6)
+    return (float(lo - pad), float(hi + pad)), True
+
+
+def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]], *, bins: int,
+                           range_: tuple[float, float], title: str, max_cols: int = 4) -> Figure:
+    """Overlaid histograms, one panel per entry of `panels` = {panel title: (x label, {set name: energies})}.
+
+    `range_` is used unless it does not fit the values (`_hist_range`; the panel then says "range from data").
+    """
+    n_rows, n_cols = _panel_grid(len(panels), max_cols)
+    fig = Figure(figsize=(3.8 * n_cols, 3.0 * n_rows), layout="constrained")
+    colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink"]
+    for i, (panel, (xlabel, sets)) in enumerate(panels.items()):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        rng, auto = _hist_range(sets.values(), range_)
+        for color, (name, values) in zip(colors, sets.items()):
+            ax.hist(np.asarray(values, dtype=float), bins=bins, range=rng, alpha=0.5, color=color,
+                    label=f"{name} (mean {np.nanmean(values):.2f})")
+        ax.set(title=panel + (" [range from data]" if auto else ""), xlabel=xlabel, ylabel="count")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- dynamics
+
+_SPREAD = ("/var", "_var", "/std", "_std")
+
+
+def plot_dynamics(dynamics: dict[str, list], title: str) -> Figure:
+    """One panel per curve of a dynamics.json; '<k>/var' or '<k>/std' companions shade ±1 std."""
+    epochs = np.asarray(dynamics.get("epoch") or range(1, 1 + max(len(v) for v in dynamics.values())), dtype=float)
+
+    def series(key):
+        return np.array([np.nan if v is None else v for v in dynamics[key]], dtype=float)
+
+    curves = [k for k, v in dynamics.items() if k != "epoch" and not k.endswith(_SPREAD)
+              and isinstance(v, list) and len(v) == len(epochs) and np.isfinite(series(k)).any()]
+    if not curves:
+        raise ValueError(f"no plottable curves in dynamics (keys {sorted(dynamics)})")
+    n_cols = min(3, len(curves))
+    n_rows = -(-len(curves) // n_cols)
+    fig = Figure(figsize=(4.2 * n_cols, 2.9 * n_rows), layout="constrained")
+    for i, key in enumerate(curves):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        y = series(key)
+        ok = np.isfinite(y)
+        ax.plot(epochs[ok], y[ok], marker="o", markersize=3, label="mean" if key.endswith("mean") else key)
+        base = key[: -len("/mean")] if key.endswith("/mean") else key[: -len("_mean")] if key.endswith("_mean") else key
+        for suffix in _SPREAD:
+            if base + suffix in dynamics:
+                s = series(base + suffix)
+                std = np.sqrt(s) if "var" in suffix else s
+                ax.fill_between(epochs[ok], (y - std)[ok], (y + std)[ok], alpha=0.25, label="±1 std")
+                break
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.set(title=key, xlabel="epoch", ylabel="energy")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- samples and nearest neighbours
+
+def _imshow_grid(ax, images_uint8: torch.Tensor, nrow: int) -> None:
+    grid = make_grid(images_uint8.float() / 255, nrow=nrow, padding=1, pad_value=1.0)
+    ax.imshow(grid.permute(1, 2, 0).numpy().clip(0, 1), interpolation="nearest")
+    ax.set_xticks([])
+
+
+def plot_sample_grid(images: torch.Tensor, labels: torch.Tensor, n_per_class: int, class_names: list[str],
+                     title: str) -> Figure:
+    """Rows = classes (first `n_per_class` samples of each), as in JEAT Fig.4-6."""
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
+    rows, names = [], []
+    for k, name in enumerate(class_names):
+        chosen = images[labels == k][:n_per_class]
+        if len(chosen):
+            pad = torch.full((n_per_class - len(chosen), *images.shape[1:]), 255, dtype=images.dtype)
+            rows.append(torch.cat([chosen, pad]))
+            names.append(name)
+    if not rows:
+        raise ValueError("no samples to draw")
+    grid_images = torch.cat(rows)
+    h = images.shape[-2] + 1
+    fig = Figure(figsize=(0.55 * n_per_class + 1.2, 0.55 * len(rows) + 0.8))
+    ax = fig.add_subplot()
+    _imshow_grid(ax, grid_images, n_per_class)
+    ax.set_yticks([1 + h * (i + 0.5) for i in range(len(names))], names, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def _ssim_kernel(size: int) -> int:
+    """torchmetrics' default 11x11 Gaussian window, shrunk to the largest odd size that fits small images."""
+    return min(11, size if size % 2 else size - 1)
+
+
+@torch.no_grad()
+def nearest_by_ssim(queries: torch.Tensor, pool: torch.Tensor, k: int, *, batch_size: int = 1024):
+    """Indices (Q, k) and SSIM scores (Q, k) of the `k` pool images most similar to each query (uint8 in)."""
+    q01, p01 = queries.float() / 255, pool.float() / 255
+    kernel = _ssim_kernel(min(queries.shape[-2:]))
+    scores = torch.empty(len(queries), len(pool))
+    for i, q in enumerate(tqdm(q01, desc="SSIM nearest", leave=False)):
+        for j in range(0, len(pool), batch_size):
+            chunk = p01[j:j + batch_size]
+            scores[i, j:j + len(chunk)] = structural_similarity_index_measure(
+                q.expand_as(chunk), chunk, data_range=1.0, kernel_size=kernel, reduction="none")
+    top = scores.topk(min(k, len(pool)), dim=1)
+    return top.indices, top.values
+
+
+def plot_nearest(queries: torch.Tensor, neighbours: torch.Tensor, scores: torch.Tensor, title: str) -> Figure:
+    """Each row: a generated image, then its nearest training images (SSIM in the column titles)."""
+    q, k = neighbours.shape[:2]
+    fig = Figure(figsize=(1.0 * (k + 1) + 0.5, 1.1 * q + 0.6), layout="constrained")
+    for r in range(q):
+        row = [queries[r]] + list(neighbours[r])
+        for c, img in enumerate(row):
+            ax = fig.add_subplot(q, k + 1, r * (k + 1) + c + 1)
+            ax.imshow((img.float() / 255).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title("generated" if c == 0 else f"SSIM {scores[r, c - 1]:.2f}", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+# ----------------------------------------------------------------------------- accuracy scatter (EB-JDAT Fig.1)
+
+def plot_accuracy_scatter(points: dict[str, list[tuple[float, float]]], title: str) -> Figure:
+    """Clean vs AutoAttack accuracy (%) per method: seeds as small dots, their mean as a labelled marker."""
+    fig = Figure(figsize=(5.5, 4.5))
+    ax = fig.add_subplot()
+    for name, pairs in points.items():
+        arr = 100 * np.asarray(pairs, dtype=float)
+        ax.scatter(arr[:, 0], arr[:, 1], s=10, alpha=0.4)
+        mean = arr.mean(0)
+        ax.scatter([mean[0]], [mean[1]], s=60, label=f"{name} (n={len(arr)})")
+        ax.annotate(name, mean, textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set(xlabel="clean accuracy (%)", ylabel="AutoAttack accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------- the stage
+
+class _Record:
+    """Collects written files and their inputs for figures.json."""
+
+    def __init__(self, out_dir: Path, formats):
+        self.out_dir, self.formats, self.entries, self.files = out_dir, formats, [], []
+
+    def add(self, fig: Figure, name: str, kind: str, inputs: list[Path]) -> None:
+        paths = save_figure(fig, self.out_dir, name, self.formats)
+        self.files += paths
+        self.entries.append({"name": name, "kind": kind, "files": [p.name for p in paths],
+                             "inputs": [str(p) for p in inputs]})
+
+
+def _energy_sets(npz_path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{set: {"E_x", "E_xy"}} from an `.energies.npz` of the evaluate or metrics stage."""
+    with np.load(npz_path) as f:
+        return {key[: -len("_marginal")]: {"E_x": f[key], "E_xy": f[key[: -len("_marginal")] + "_joint"]}
+                for key in f.files if key.endswith("_marginal") and key[: -len("_marginal")] + "_joint" in f.files}
+
+
+def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
+    """Draw every figure whose inputs exist under `results_dir` (one profile); write figures.json."""
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"no results folder {results_dir}; run the pipeline's earlier stages first")
+    fc = profile_cfg.figures
+    record = _Record(out_dir, fc.formats)
+    device = pick_device(profile_cfg.device)
+    for dataset in profile_cfg.run_datasets:
+        methods = profile_cfg.methods_for(dataset)
+        runs = [(m, s) for m in methods for s in profile_cfg.seeds]
+        splits = None
+        data_dir = results_dir / "data" / dataset
+        if (data_dir / "splits.pt").is_file():
+            splits, _ = load_prepared(data_dir)
+        _landscapes(record, fc, results_dir, dataset, methods, profile_cfg.seeds[0], splits, device)
+        _histograms(record, fc, results_dir, dataset, runs, profile_cfg.seeds)
+        for method, seed in runs:
+            tag = f"{dataset}_{method}_s{seed}"
+            dyn_path = results_dir / "models" / dataset / method / f"s{seed}" / "dynamics.json"
+            if dyn_path.is_file():
+                dynamics = json.loads(dyn_path.read_text())
+                if len(dynamics.get("epoch", [])) > 0:
+                    record.add(plot_dynamics(dynamics, f"Energy dynamics during training: {method}, {dataset}, seed {seed}"),
+                               f"dynamics_{tag}", "dynamics", [dyn_path])
+            _samples(record, fc, results_dir, dataset, method, seed, splits)
+        _scatter(record, results_dir, dataset, runs)
+    atomic_write_json(out_dir / "figures.json", {"profile": profile_cfg.name, "figures": record.entries})
+    return record.files + [out_dir / "figures.json"]
+
+
+def _landscapes(record, fc, results_dir, dataset, methods, seed, splits, device) -> None:
+    models = {m: results_dir / "models" / dataset / m / f"s{seed}" / "model.pt" for m in methods}
+    models = {m: p for m, p in models.items() if p.is_file()}
+    if splits is None or not models:
+        return
+    lc = fc.landscape
+    loaded = {m: load_classifier(p, map_location=device)[0].to(device) for m, p in models.items()}
+    x_all = splits.test.images[: lc.n_images].float() / 255
+    for i, (x0, y0) in enumerate(zip(x_all, splits.test.labels[: lc.n_images])):
+        d1, d2 = random_directions(x0.shape, torch.Generator().manual_seed(i))  # same plane for every model
+        panels = {m: energy_landscape(model, x0, int(y0), d1, d2, lc.radius, lc.grid) for m, model in loaded.items()}
+        for kind, word in (("E_xy", "joint"), ("E_x", "marginal")):
+            title = (f"{'E(x,y)' if kind == 'E_xy' else 'E(x)'} around test image {i} (class {splits.classes[int(y0)]}), "
+                     f"{dataset}, seed {seed}; plane radius {lc.radius:.3g} (L2)")
+            record.add(plot_landscapes(panels, kind, title), f"landscape_{word}_{dataset}_img{i}", "landscape",
+                       list(models.values()) + [results_dir / "data" / dataset])
+
+
+def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
+    hc = fc.histograms
+    per_seed: dict[int, dict] = {}
+    for method, seed in runs:
+        eval_npz = results_dir / "eval" / dataset / method / f"s{seed}.energies.npz"
+        if not eval_npz.is_file():
+            continue
+        sets = _energy_sets(eval_npz)
+        attacks = [a for a in hc.attacks if a in sets]
+        if "clean" in sets and attacks:
+            panels = {f"{label}: clean vs {a}": (label, {"clean": sets["clean"][kind], a: sets[a][kind]})
+                      for kind, label in (("E_x", "E(x)"), ("E_xy", "E(x, y)")) for a in attacks}
+            record.add(plot_energy_histograms(panels, bins=hc.bins, range_=hc.range, max_cols=len(attacks),
+                                              title=f"Energies of clean vs adversarial test images: {method}, {dataset}, seed {seed}"),
+                       f"energy_hist_attacks_{dataset}_{method}_s{seed}", "energy_histograms", [eval_npz])
+        gen_npz = results_dir / "metrics" / dataset / method / f"s{seed}.energies.npz"
+        if "clean" in sets:
+            col = {"clean": sets["clean"]["E_xy"]}
+            if hc.attacks[0] in sets:
+                col[f"adversarial ({hc.attacks[0]})"] = sets[hc.attacks[0]]["E_xy"]
+            inputs = [eval_npz]
+            if gen_npz.is_file():
+                for name, gen in _energy_sets(gen_npz).items():
+                    col[f"generated ({name})"] = gen["E_xy"]
+                inputs.append(gen_npz)
+            if len(col) > 1:
+                per_seed.setdefault(seed, {})[method] = (col, inputs)
+    for seed, by_method in per_seed.items():
+        panels = {m: ("E(x, y)", col) for m, (col, _) in by_method.items()}
+        record.add(plot_energy_histograms(panels, bins=hc.bins, range_=hc.range,
+                                          title=f"E(x, y) of clean, adversarial and generated images, {dataset}, seed {seed}"),
+                   f"energy_hist_clean_adv_gen_{dataset}_s{seed}", "energy_histograms",
+                   [p for _, inputs in by_method.values() for p in inputs])
+
+
+def _samples(record, fc, results_dir, dataset, method, seed, splits) -> None:
+    samples_dir = results_dir / "samples" / dataset / method / f"s{seed}"
+    for npz in sorted(samples_dir.glob("*.npz")) if samples_dir.is_dir() else []:
+        with np.load(npz) as f:
+            images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
+        if len(images) == 0:
+            continue
+        classes = splits.classes if splits is not None else [str(k) for k in range(int(labels.max()) + 1)]
+        tag = f"{dataset}_{method}_s{seed}_{npz.stem}"
+        record.add(plot_sample_grid(images, labels, fc.samples.n_per_class, classes,
+                                    f"Samples '{npz.stem}' of {method} ({dataset}, seed {seed}), one row per class"),
+                   f"samples_{tag}", "samples", [npz])
+        if splits is not None and (fc.nearest.generators == "all" or npz.stem in fc.nearest.generators):
+            queries = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: fc.nearest.n_images]]
+            idx, scores = nearest_by_ssim(queries, splits.train.images, fc.nearest.k)
+            record.add(plot_nearest(queries, splits.train.images[idx], scores,
+                                    f"'{npz.stem}' samples of {method} and their {fc.nearest.k} nearest training images (SSIM)"),
+                       f"nearest_ssim_{tag}", "nearest_ssim", [npz, results_dir / "data" / dataset])
+
+
+def _scatter(record, results_dir, dataset, runs) -> None:
+    points, inputs = {}, []
+    for method, seed in runs:
+        path = results_dir / "eval" / dataset / method / f"s{seed}.json"
+        if not path.is_file():
+            continue
+        cols = json.loads(path.read_text()).get("columns", {})
+        clean, aa = cols.get("clean", {}).get("accuracy"), cols.get("autoattack", {}).get("accuracy")
+        if clean is not None and aa is not None:
+            points.setdefault(method, []).append((clean, aa))
+            inputs.append(path)
+    if points:
+        record.add(plot_accuracy_scatter(points, f"Clean vs AutoAttack accuracy, {dataset}"),
+                   f"clean_vs_autoattack_{dataset}", "accuracy_scatter", inputs)

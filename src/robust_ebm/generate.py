@@ -1,0 +1,269 @@
+"""Generation stage: class-conditional and unconditional samples from a classifier read as an EBM.
+
+Each generator in params (`generation.generators`) is one of three kinds
+(papers.md §3.5); the algorithms are plain functions below:
+
+    sgld          `langevin_samples`: Langevin dynamics from `sampling`, the sampler
+                  config selects the paper's form
+                    JEAT Eq.17  energy joint, coupled   x' = x - (η/2)∇E(x,y) + √η ε,  init gaussian N(μ_y, Σ_y)
+                    JEAT Eq.16  energy ce,    coupled   x' = x - (η/2)∇[E(x,y) - E(x)] + √η ε
+                    WEAT        energy joint, momentum ζ: v' = ζv - (η/2)∇E(x,y), x' = x + v' + noise, init pca
+                    JEM         energy marginal (unconditional), init uniform
+    targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then targeted
+                  L2 PGD minimising CE of the class (recalled settings ε 30, step 0.5, 60 steps [R])
+    buffer        `buffer_samples`: the JEM-family replay buffer saved beside the checkpoint
+
+Conditional generators label each image with its class; unconditional ones
+(energy marginal, and buffers saved without labels) with the model's
+prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W),
+labels int64), `<name>_grid.png` (one row per class) and `generate.json`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from .attacks import AttackConfig, perturb
+from .data import load_prepared
+from .evaluate import load_for_run
+from .runtime import atomic_write_bytes, atomic_write_json, pick_device
+from .sampling import SamplerConfig, initialise, pyld, sgld
+
+BUFFER_FILE = "replay_buffer.pt"
+GRID_COLUMNS = 10
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+def class_labels(num_classes: int, n_per_class: int) -> Tensor:
+    """0,0,...,1,1,...: n_per_class labels of every class, in class order."""
+    return torch.arange(num_classes).repeat_interleave(n_per_class)
+
+
+def _chunks(labels: Tensor, batch_size: int, desc: str):
+    for start in tqdm(range(0, len(labels), batch_size), desc=desc, unit="batch", leave=False):
+        yield labels[start : start + batch_size]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x).argmax(1)
+
+
+def langevin_samples(
+    model: nn.Module,
+    labels: Tensor,
+    sampler: SamplerConfig,
+    init: str,
+    *,
+    shape: tuple[int, int, int],
+    stats=None,
+    data: Tensor | None = None,
+    batch_size: int = 100,
+    device: torch.device = torch.device("cpu"),
+    generator: torch.Generator | None = None,
+    pca: tuple[float, float] = (0.95, 0.005),
+) -> tuple[Tensor, Tensor]:
+    """Run SGLD/PYLD from `init` for every label; return images in [0,1] (CPU) and their labels.
+
+    With `sampler.energy == 'marginal'` the chain ignores y (JEM's p(x)); `labels`
+    then only drive class-wise inits, and the returned labels are predictions.
+    """
+    step = pyld if sampler.kind == "pyld" else sgld
+    conditional = sampler.energy != "marginal"
+    images, out_labels = [], []
+    for y in _chunks(labels, batch_size, f"sgld {sampler.energy}"):
+        x0 = initialise(init, len(y), shape=shape, stats=stats, labels=y, data=data, generator=generator,
+                        device=device, pca_fraction=pca[0], pca_sigma=pca[1])
+        yd = y.to(device)
+        x = step(model, x0, sampler, y=yd if conditional else None, generator=generator).clamp(0, 1)
+        images.append(x.cpu())
+        out_labels.append(y if conditional else _predict(model, x).cpu())
+    return torch.cat(images), torch.cat(out_labels)
+
+
+def targeted_pgd_samples(
+    model: nn.Module,
+    labels: Tensor,
+    attack: AttackConfig,
+    init: str,
+    *,
+    shape: tuple[int, int, int],
+    stats=None,
+    batch_size: int = 100,
+    device: torch.device = torch.device("cpu"),
+    generator: torch.Generator | None = None,
+    pca: tuple[float, float] = (0.95, 0.005),
+) -> tuple[Tensor, Tensor]:
+    """Santurkar et al.: seeds x0 ~ init (class Gaussian), then PGD that *minimises* CE(f(x), y) for target y."""
+    if not attack.targeted:
+        raise ValueError("a targeted_pgd generator needs attack.targeted: true (it descends CE towards the class)")
+    images = []
+    for y in _chunks(labels, batch_size, "targeted pgd"):
+        x0 = initialise(init, len(y), shape=shape, stats=stats, labels=y, generator=generator,
+                        device=device, pca_fraction=pca[0], pca_sigma=pca[1])
+        yd = y.to(device)
+        images.append(perturb(model, x0, yd, attack, target=yd, generator=generator).cpu())
+    return torch.cat(images), labels.clone()
+
+
+def find_buffer(model_path: Path, meta: dict) -> Path | None:
+    """The replay buffer saved by training: meta['buffer'] (relative to the checkpoint) or replay_buffer.pt beside it."""
+    candidates = []
+    info = meta.get("buffer")
+    if isinstance(info, dict):
+        info = info.get("path")
+    if isinstance(info, str) and info:
+        candidates.append(Path(info) if Path(info).is_absolute() else model_path.parent / info)
+    candidates.append(model_path.parent / BUFFER_FILE)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, device=torch.device("cpu")) -> tuple[Tensor, Tensor]:
+    """Images of a saved replay buffer ({"images": float [0,1] (N,C,H,W), optional "labels"}); predictions label the rest."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    images = state.get("images") if isinstance(state, dict) else None
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"{path} is not a replay buffer: expected a dict with 'images' of shape (N,C,H,W)")
+    images = images.float().clamp(0, 1)
+    labels = state.get("labels")
+    if labels is None:
+        labels = torch.cat([_predict(model, images[i : i + batch_size].to(device)).cpu()
+                            for i in range(0, len(images), batch_size)])
+    return images, labels.long().view(-1)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """[0,1] floats -> uint8 (round to nearest)."""
+    return images.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images, labels=labels.astype(np.int64))
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, columns: int = GRID_COLUMNS) -> None:
+    """PNG with one row per class: its first `columns` images, black where a class has fewer."""
+    tiles = torch.zeros((num_classes * columns, *images.shape[1:]), dtype=torch.uint8)
+    for c in range(num_classes):
+        picked = torch.from_numpy(images[labels == c][:columns])
+        tiles[c * columns : c * columns + len(picked)] = picked
+    grid = make_grid(tiles.float() / 255, nrow=columns, padding=2)
+    buffer = io.BytesIO()
+    Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _finished(path: Path, count: int | None) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as done:
+            return len(done["labels"]) == count and len(done["images"]) == count
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def generator_seed(seed: int, name: str) -> int:
+    """A seed per generator that does not depend on which other generators ran (resume-safe)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
+    """Run every generator whose `methods` list holds this run's method; skip those already on disk."""
+    model_path, out_dir = Path(model_path), Path(out_dir)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {model_path}; train first or pass --model with a load_classifier-compatible file")
+    gen_cfg = run.generation
+    method = run.method_name
+    chosen = gen_cfg.for_method(method)
+    for name, spec in chosen.items():
+        if spec.init == "noisy_data":
+            raise ValueError(f"generation.generators.{name}: init 'noisy_data' is not implemented by the generate "
+                             "stage; use gaussian, pca, uniform or data")
+
+    device = pick_device(run.device)
+    model, meta = load_for_run(run, model_path, device)
+    splits, stats = load_prepared(data_dir)
+    shape = tuple(splits.test.images.shape[1:])
+    num_classes = int(getattr(model, "num_classes", int(splits.test.labels.max()) + 1))
+    labels = class_labels(num_classes, gen_cfg.n_per_class)
+
+    json_path = out_dir / "generate.json"
+    report = {"method": method, "model_path": str(model_path), "seed": run.seed, "n_per_class": gen_cfg.n_per_class,
+              "num_classes": num_classes, "generators": {}}
+    for name, spec in chosen.items():
+        npz, grid = out_dir / f"{name}.npz", out_dir / f"{name}_grid.png"
+        record = {"kind": spec.kind, "init": spec.init, "files": {"npz": npz.name, "grid": grid.name},
+                  "pca": {"fraction": spec.pca_fraction, "sigma": spec.pca_sigma} if spec.init == "pca" else None,
+                  "sampler": spec.sampler.model_dump(mode="json") if spec.sampler else None,
+                  "attack": spec.attack.model_dump(mode="json") if spec.attack else None}
+        buffer_path = find_buffer(model_path, meta) if spec.kind == "buffer" else None
+        if spec.kind == "buffer" and buffer_path is None:
+            report["generators"][name] = {**record, "status": f"skipped: no replay buffer beside {model_path.name} "
+                                          f"(method '{method}' saved none; JEM-family training writes {BUFFER_FILE})", "count": 0}
+            continue
+        expected = len(labels) if spec.kind != "buffer" else _buffer_length(buffer_path)
+        if _finished(npz, expected) and grid.is_file():
+            earlier = _previous(json_path, name, {**record, "count": expected})
+            report["generators"][name] = {**earlier, "status": "ok (found on disk, not rerun)"}
+            continue
+        t0 = time.time()
+        generator = torch.Generator(device=device).manual_seed(generator_seed(run.seed, name))
+        if spec.kind == "sgld":
+            data = splits.train.images.float().div(255) if spec.init == "data" else None
+            images, ys = langevin_samples(model, labels, spec.sampler, spec.init, shape=shape, stats=stats, data=data,
+                                          batch_size=gen_cfg.batch_size, device=device, generator=generator,
+                                          pca=(spec.pca_fraction, spec.pca_sigma))
+        elif spec.kind == "targeted_pgd":
+            images, ys = targeted_pgd_samples(model, labels, spec.attack, spec.init, shape=shape, stats=stats,
+                                              batch_size=gen_cfg.batch_size, device=device, generator=generator,
+                                              pca=(spec.pca_fraction, spec.pca_sigma))
+        else:
+            images, ys = buffer_samples(model, buffer_path, batch_size=gen_cfg.batch_size, device=device)
+            record["buffer_path"] = str(buffer_path)
+        as_uint8, ys = to_uint8(images), ys.numpy()
+        save_npz(npz, as_uint8, ys)
+        save_grid(grid, as_uint8, ys, num_classes)
+        record.update(status="ok", count=len(ys), seconds=round(time.time() - t0, 3),
+                      class_counts=np.bincount(ys, minlength=num_classes).tolist())
+        report["generators"][name] = record
+        atomic_write_json(json_path, report)  # progress survives a crash in the next generator
+        if tracker is not None:
+            tracker.log_artifact(grid)
+    atomic_write_json(json_path, report)
+    if tracker is not None:
+        tracker.log_metrics({f"generate/{n}_seconds": r["seconds"] for n, r in report["generators"].items() if r.get("seconds")})
+    return report
+
+
+def _buffer_length(path: Path) -> int:
+    return len(torch.load(path, map_location="cpu", weights_only=True)["images"])
+
+
+def _previous(json_path: Path, name: str, fallback: dict) -> dict:
+    """The record of a generator finished by an earlier run (its seconds and counts), else `fallback`."""
+    try:
+        return json.loads(json_path.read_text())["generators"][name]
+    except (OSError, ValueError, KeyError):
+        return fallback

@@ -1,0 +1,143 @@
+"""The interface every training method implements, and the few pieces several methods share.
+
+A method turns a batch into a scalar loss in two steps:
+
+    prepared = method.prepare(model, batch, epoch=e)   # attacks, SGLD samples: no parameter gradient
+    out = method.loss(model, prepared, epoch=e)        # differentiable in θ, pure given `prepared`
+
+so that SAM (SADA-JEM) can call `loss` twice on the same inputs. `loss` runs the model in whatever
+mode the training loop chose (train); attacks and samplers switch modes themselves and restore them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import Tensor
+
+from .. import attacks
+from ..energy import joint_energy, marginal_energy
+from ..schema_types import Strict
+
+
+@dataclass
+class Batch:
+    x: Tensor                    # labelled images in [0,1], augmented (+ input noise if configured)
+    y: Tensor
+    x_px: Tensor | None = None   # second stream for the p(x) term (methods with needs_px_stream)
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor                 # scalar, differentiable w.r.t. the model parameters
+    terms: dict[str, float]      # detached components for logging (e.g. "ce", "kl", "px")
+    energies: dict[str, Tensor]  # detached per-sample energies, keys like "E_x/clean", "E_xy/adv", "E_x/sgld"
+
+
+class NoParams(Strict):
+    """This method has no settings of its own."""
+
+
+def parse_params(schema: type[Strict], params, name: str) -> Strict:
+    """Validate a method's `params:` block; errors name the unknown key and the allowed keys."""
+    if isinstance(params, schema):
+        return params
+    if isinstance(params, BaseModel):
+        params = params.model_dump()
+    try:
+        return schema.model_validate(params or {})
+    except ValidationError as err:
+        allowed = ", ".join(sorted(schema.model_fields)) or "(none)"
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(part) for part in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}'")
+            else:
+                problems.append(f"'{key}': {e['msg']}")
+        raise ValueError(f"method '{name}' params: {'; '.join(problems)}. Allowed keys: {allowed}") from None
+
+
+class Method:
+    """Base class: one subclass per training method (see the module docstring for the protocol)."""
+
+    Params: type[Strict] = NoParams
+    needs_px_stream: bool = False
+    attack_objectives: tuple[str, ...] = ()  # non-empty: cfg.attack is required, with one of these objectives
+
+    def __init__(self, cfg, *, num_classes: int, image_shape: tuple[int, int, int], stats=None,
+                 device, generator: torch.Generator):
+        self.cfg = cfg
+        self.name = cfg.loss
+        self.params = parse_params(self.Params, cfg.params, self.name)
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+        self.stats = stats
+        self.device = torch.device(device)
+        self.generator = generator
+        if self.attack_objectives:
+            allowed = " or ".join(self.attack_objectives)
+            if cfg.attack is None:
+                raise ValueError(f"method '{self.name}' needs an `attack:` block with objective {allowed}")
+            if cfg.attack.objective not in self.attack_objectives:
+                raise ValueError(f"method '{self.name}' needs attack.objective {allowed}, "
+                                 f"got '{cfg.attack.objective}'; fix methods.{self.name}.attack in params.yaml")
+
+    def prepare(self, model, batch: Batch, *, epoch: int) -> dict[str, Tensor]:
+        """Everything that needs no parameter gradient: attacks, SGLD samples. Returns the inputs of loss()."""
+        raise NotImplementedError
+
+    def loss(self, model, prepared: dict[str, Tensor], *, epoch: int) -> LossOutput:
+        """Pure in θ given `prepared`; SAM calls it twice on the same prepared inputs."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method '{self.name}' keeps no state but the checkpoint holds {sorted(state)}")
+
+    def apply_remedy(self, remedy: str) -> str:
+        """Divergence-guard hook (GuardConfig.remedy). Only 'more_sgld_steps' concerns a method (it doubles
+        the sampler's steps); 'lr_decay' and 'reseed' are the training loop's. Returns what changed."""
+        return f"{remedy}: nothing to change in method '{self.name}'"
+
+    def samples(self) -> Tensor | None:
+        return None
+
+    def attack(self, model, x: Tensor, y: Tensor) -> Tensor:
+        """x_adv from cfg.attack (detached, in [0,1]).
+
+        With input noise (data.noise_std > 0) x may leave [0,1] by a few σ; the attack starts from
+        the clipped image, as every adversarial image must be a valid image.
+        """
+        if getattr(getattr(self.cfg, "data", None), "noise_std", 0.0):
+            x = x.clamp(0.0, 1.0)
+        return attacks.perturb(model, x, y, self.cfg.attack, generator=self.generator)
+
+
+class AdversarialMethod(Method):
+    """Methods whose only preparation is one attack on the labelled batch."""
+
+    def prepare(self, model, batch: Batch, *, epoch: int) -> dict[str, Tensor]:
+        return {"x": batch.x, "y": batch.y, "x_adv": self.attack(model, batch.x, batch.y)}
+
+
+def energies(y: Tensor | None = None, **logits: Tensor) -> dict[str, Tensor]:
+    """Detached per-sample energies for the dynamics log: E_x/<tag> (and E_xy/<tag> when y is given)."""
+    out = {}
+    for tag, lg in logits.items():
+        lg = lg.detach()
+        out[f"E_x/{tag}"] = marginal_energy(lg)
+        if y is not None:
+            out[f"E_xy/{tag}"] = joint_energy(lg, y)
+    return out
+
+
+def output(loss: Tensor, terms: dict[str, Tensor], energy_log: dict[str, Tensor]) -> LossOutput:
+    """Pack a LossOutput; the logged terms cross to the host in one transfer."""
+    values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
+    return LossOutput(loss=loss, terms=dict(zip(terms, values)), energies=energy_log)

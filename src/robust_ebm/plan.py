@@ -1,0 +1,386 @@
+"""The job plan of a profile: every stage job, its files and its command.
+
+One source for both front ends. The Snakefile's rules take their path
+patterns and shell commands from `PATTERNS` and `shell_command`, and
+`robust-ebm dvc-yaml` writes dvc.yaml from `dvc_yaml` (same templates with
+DVC's `${item.x}` syntax). A command therefore reads the same, byte for
+byte, whichever tool runs it (tests/test_dag_sync.py checks it).
+
+Jobs of profile P (everything under results/P/):
+
+    data      per data set                      results/P/data/D/
+    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json}
+    evaluate  per run                           results/P/eval/D/M/sS.json
+    generate  per run                           results/P/samples/D/M/sS/
+    metrics   per run (needs the reference)     results/P/metrics/D/M/sS.json
+    figures   one                               results/P/figures/
+    tables    one                               results/P/tables/
+
+The metrics stage scores samples with a reference classifier: the `standard`
+method (params `metrics.refclf.method`) on the same data set and seed. When a
+profile's runs lack it, the plan adds its train job only (a "reference"
+run: trained, not evaluated, not in the tables).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+PARAMS_FILE = "params.yaml"
+RUN_STAGES = ("train", "evaluate", "generate", "metrics")
+STAGES = ("data", *RUN_STAGES, "figures", "tables")
+GPU_STAGES = RUN_STAGES  # resources: gpu=1 on a non-CPU profile
+
+# File patterns relative to the repository root. {results} is params
+# `paths.results`; the other fields are the wildcards of a job.
+PATTERNS = {
+    "data": "{results}/{profile}/data/{dataset}",
+    "model_dir": "{results}/{profile}/models/{dataset}/{method}/s{seed}",
+    "model": "{results}/{profile}/models/{dataset}/{method}/s{seed}/model.pt",
+    "train_json": "{results}/{profile}/models/{dataset}/{method}/s{seed}/train.json",
+    "eval": "{results}/{profile}/eval/{dataset}/{method}/s{seed}.json",
+    "eval_energies": "{results}/{profile}/eval/{dataset}/{method}/s{seed}.energies.npz",
+    "samples": "{results}/{profile}/samples/{dataset}/{method}/s{seed}",
+    "metrics": "{results}/{profile}/metrics/{dataset}/{method}/s{seed}.json",
+    "metrics_energies": "{results}/{profile}/metrics/{dataset}/{method}/s{seed}.energies.npz",
+    "refclf": "{results}/{profile}/models/{dataset}/{refclf}/s{seed}/model.pt",
+    "figures": "{results}/{profile}/figures",
+    "tables": "{results}/{profile}/tables",
+}
+LOGS = {
+    "data": "logs/{profile}/data/{dataset}.log",
+    **{s: f"logs/{{profile}}/{s}/{{dataset}}-{{method}}-s{{seed}}.log" for s in RUN_STAGES},
+    "figures": "logs/{profile}/figures.log",
+    "tables": "logs/{profile}/tables.log",
+}
+# What each stage reads and writes (keys of PATTERNS).
+INPUTS = {
+    "data": (),
+    "train": ("data",),
+    "evaluate": ("data", "model"),
+    "generate": ("data", "model"),
+    "metrics": ("data", "model", "samples", "refclf", "eval", "eval_energies"),
+}
+OUTPUTS = {
+    "data": ("data",),
+    "train": ("model", "train_json"),
+    "evaluate": ("eval", "eval_energies"),
+    "generate": ("samples",),
+    "metrics": ("metrics", "metrics_energies"),
+    "figures": ("figures",),
+    "tables": ("tables",),
+}
+# The package code a stage runs; a change reruns the stage in both tools.
+CODE = {
+    "data": ("src/robust_ebm/data.py",),
+    "train": ("src/robust_ebm/train.py", "src/robust_ebm/methods"),
+    "evaluate": ("src/robust_ebm/evaluate.py", "src/robust_ebm/attacks.py"),
+    "generate": ("src/robust_ebm/generate.py", "src/robust_ebm/sampling.py"),
+    "metrics": ("src/robust_ebm/metrics",),
+    "figures": ("src/robust_ebm/figures.py",),
+    "tables": ("src/robust_ebm/tables.py",),
+}
+# The robust-ebm command line of each stage (architecture.md "Stage command line").
+_HEAD = "robust-ebm {stage} --params {params_file} --profile {profile}"
+_RUN = " --dataset {dataset} --method {method} --seed {seed} --data {data}"
+COMMANDS = {
+    "data": _HEAD + " --dataset {dataset} --out {data} --log {log}",
+    "train": _HEAD + _RUN + " --out {model_dir} --log {log}",
+    "evaluate": _HEAD + _RUN + " --model {model} --out {eval} --log {log}",
+    "generate": _HEAD + _RUN + " --model {model} --out {samples} --log {log}",
+    "metrics": _HEAD + _RUN + " --model {model} --samples {samples} --refclf {refclf}"
+    " --eval {eval} --out {metrics} --log {log}",
+    "figures": _HEAD + " --results {results}/{profile} --out {figures} --log {log}",
+    "tables": _HEAD + " --results {results}/{profile} --out {tables} --log {log}",
+}
+WILDCARDS = {
+    "data": ("profile", "dataset"),
+    **{s: ("profile", "dataset", "method", "seed") for s in RUN_STAGES},
+    "figures": ("profile",),
+    "tables": ("profile",),
+}
+
+
+def _fill(template: str, values: dict[str, Any]) -> str:
+    """str.format that leaves unknown fields untouched (so patterns can be filled in steps)."""
+
+    class Keep(dict):
+        def __missing__(self, key):
+            return "{" + key + "}"
+
+    return template.format_map(Keep(values))
+
+
+def job_name(stage: str, wildcards: dict[str, Any]) -> str:
+    """DVC foreach key and log name: 'smoke-digits-jem-s0', 'smoke-digits', 'smoke'."""
+    w = wildcards
+    if stage == "data":
+        return f"{w['profile']}-{w['dataset']}"
+    if stage in RUN_STAGES:
+        return f"{w['profile']}-{w['dataset']}-{w['method']}-s{w['seed']}"
+    return str(w["profile"])
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage job: concrete wildcards, files, command, params keys it reads."""
+
+    stage: str
+    wildcards: dict[str, Any] = field(hash=False)
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    log: str
+    command: str
+    params_keys: tuple[str, ...]
+    reference: bool = False  # a train job that exists only to serve as metrics' refclf
+
+    @property
+    def name(self) -> str:
+        return job_name(self.stage, self.wildcards)
+
+
+class Plan:
+    """Every job of one profile, built from validated Params (see config.load_params)."""
+
+    def __init__(self, params, profile: str | None = None, params_file: str = PARAMS_FILE):
+        self.params = params
+        self.profile = profile or params.profile
+        if self.profile not in params.profiles:
+            raise ValueError(
+                f"unknown profile '{self.profile}'; params.yaml defines: {', '.join(params.profiles)}"
+            )
+        self.params_file = params_file
+        self.config = params.profile_config(self.profile)
+        self.results = str(self.config.paths.results).rstrip("/")
+        self.refclf_method = self.config.metrics.refclf.method if self.config.metrics.refclf.enabled else None
+
+    # -- the axes -------------------------------------------------------
+    @cached_property
+    def runs(self) -> list[tuple[str, str, int]]:
+        """(dataset, method, seed) of every evaluated run, in params order."""
+        return [(d, m, s) for d, m in self.config.runs for s in self.config.seeds]
+
+    @cached_property
+    def reference_runs(self) -> list[tuple[str, str, int]]:
+        """Train-only runs added for the reference classifier (empty when all are in `runs`)."""
+        if self.refclf_method is None:
+            return []
+        wanted = dict.fromkeys((d, self.refclf_method, s) for d, _, s in self.runs)
+        return [r for r in wanted if r not in set(self.runs)]
+
+    @cached_property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(d for d, _, _ in self.runs))
+
+    @cached_property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(m for _, m, _ in self.runs + self.reference_runs))
+
+    # -- files and commands ---------------------------------------------
+    def values(self, stage: str, wildcards: dict[str, Any]) -> dict[str, Any]:
+        """Every pattern of PATTERNS filled for these wildcards (plus log and stage)."""
+        base = {"results": self.results, "params_file": self.params_file, "refclf": self.refclf_method,
+                "stage": stage, **wildcards}
+        filled = {key: _fill(pattern, base) for key, pattern in PATTERNS.items()}
+        return {**base, **filled, "log": _fill(LOGS[stage], base)}
+
+    def _job(self, stage: str, wildcards: dict[str, Any], *, reference: bool = False) -> Job:
+        v = self.values(stage, wildcards)
+        if stage in ("figures", "tables"):
+            inputs = self.fan_in(stage)
+        else:
+            keys = [k for k in INPUTS[stage] if not (k == "refclf" and self.refclf_method is None)]
+            inputs = tuple(v[k] for k in keys)
+        return Job(
+            stage=stage,
+            wildcards=wildcards,
+            inputs=inputs + CODE[stage],
+            outputs=tuple(v[k] for k in OUTPUTS[stage]),
+            log=v["log"],
+            command=shell_command(stage, v, refclf=self.refclf_method is not None),
+            params_keys=params_keys(stage, wildcards),
+            reference=reference,
+        )
+
+    def fan_in(self, stage: str) -> tuple[str, ...]:
+        """Inputs of the profile-wide stages: explicit file lists, never a glob."""
+        files: list[str] = []
+        for d, m, s in self.runs + self.reference_runs:
+            v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
+            files += [v["model"], v["train_json"]]
+        for d, m, s in self.runs:
+            v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
+            files += [v["eval"], v["eval_energies"], v["metrics"], v["metrics_energies"]]
+            files += [v["samples"]] if stage == "figures" else []
+        if stage == "tables":
+            files.append(self.values(stage, {"profile": self.profile})["figures"])
+        return tuple(files)
+
+    @cached_property
+    def jobs(self) -> list[Job]:
+        P = self.profile
+        jobs = [self._job("data", {"profile": P, "dataset": d}) for d in self.datasets]
+        for d, m, s in self.runs + self.reference_runs:
+            jobs.append(self._job("train", {"profile": P, "dataset": d, "method": m, "seed": s},
+                                  reference=(d, m, s) in self.reference_runs))
+        for stage in ("evaluate", "generate", "metrics"):
+            jobs += [self._job(stage, {"profile": P, "dataset": d, "method": m, "seed": s})
+                     for d, m, s in self.runs]
+        jobs += [self._job("figures", {"profile": P}), self._job("tables", {"profile": P})]
+        return jobs
+
+    def job(self, stage: str, **wildcards) -> Job:
+        """The planned job for these wildcards; a clear error when the profile has no such job."""
+        wildcards = {k: (int(v) if k == "seed" else str(v)) for k, v in wildcards.items()}
+        for job in self.jobs:
+            if job.stage == stage and job.wildcards == wildcards:
+                return job
+        raise KeyError(f"profile '{self.profile}' plans no {stage} job for {wildcards}; "
+                       f"see `robust-ebm check --profile {self.profile}` for the planned jobs")
+
+    def settings(self, stage: str, **wildcards) -> str:
+        """A digest of the resolved settings a job reads (Snakemake `params:` rerun trigger)."""
+        c = self.config
+        if stage == "data":
+            payload: Any = c.dataset(wildcards["dataset"])
+        elif stage in RUN_STAGES:
+            payload = c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])).to_dict()
+            # where things are logged or read from is not a setting of the result
+            payload.pop("tracking")
+            payload["dataset"].pop("root")
+            payload["paths"] = payload["paths"]["inception_weights"] if stage == "metrics" else None
+        else:
+            payload = {"runs": self.runs, "figures": c.figures, "metrics": c.metrics,
+                       "table_datasets": c.table_datasets}
+        text = json.dumps(payload, sort_keys=True, default=_jsonable)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def resources(self, stage: str) -> dict[str, int]:
+        """gpu/mem/runtime for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only."""
+        gpu = int(stage in GPU_STAGES and self.config.device != "cpu")
+        runtime = {"smoke": 30, "mini": 240}.get(self.profile, 48 * 60 if stage == "train" else 12 * 60)
+        return {"gpu": gpu, "mem_mb": 32000 if gpu else 8000, "runtime": runtime}
+
+    def template(self, stage: str, style: str) -> dict[str, str]:
+        """`values` with placeholders instead of wildcard values: 'pattern' -> {x} (Snakemake
+        input/output patterns), 'snakemake' -> {wildcards.x} (shell), 'dvc' -> ${item.x}."""
+        if style == "pattern":
+            marks = {n: "{" + n + "}" for n in WILDCARDS[stage]}
+        else:
+            marks = placeholders(stage, style)
+        v = self.values(stage, marks)
+        v["command"] = shell_command(stage, v, refclf=self.refclf_method is not None)
+        return v
+
+    def describe(self) -> str:
+        """A human-readable job list (printed by `robust-ebm check`)."""
+        lines = [f"profile {self.profile}: {len(self.jobs)} jobs; {len(self.runs)} runs over "
+                 f"{len(self.datasets)} data set(s) and seeds {self.config.seeds}"]
+        if self.reference_runs:
+            lines.append("reference classifiers (train only, for metrics): "
+                         + ", ".join(f"{d}/{m}/s{s}" for d, m, s in self.reference_runs))
+        for stage in STAGES:
+            names = [j.name for j in self.jobs if j.stage == stage]
+            lines.append(f"  {stage:9s} {len(names):4d}  e.g. {names[0] if names else '-'}")
+        return "\n".join(lines)
+
+
+def shell_command(stage: str, values: dict[str, Any], *, refclf: bool = True) -> str:
+    """The command of `stage` with `values` filled in (concrete or placeholder strings)."""
+    template = COMMANDS[stage]
+    if not refclf:
+        template = template.replace(" --refclf {refclf}", "")
+    return _fill(template, values)
+
+
+def params_keys(stage: str, wildcards: dict[str, Any]) -> tuple[str, ...]:
+    """The params.yaml keys a stage reads (DVC `params:`); the profile section always."""
+    w = {k: str(v) for k, v in wildcards.items()}
+    common = (f"profiles.{w['profile']}",)
+    if stage == "data":
+        return (f"datasets.{w['dataset']}", "paths.data_root", *common)
+    if stage == "train":
+        return (f"datasets.{w['dataset']}", f"methods.{w['method']}", "models", "training", *common)
+    if stage == "evaluate":
+        return (f"methods.{w['method']}", "evaluation", *common)
+    if stage == "generate":
+        return (f"methods.{w['method']}", "generation", *common)
+    if stage == "metrics":
+        return ("metrics", "paths.inception_weights", *common)
+    if stage == "figures":
+        return ("figures", *common)
+    return ("evaluation", "metrics", *common)  # tables: captions state the protocols
+
+
+def placeholders(stage: str, style: str) -> dict[str, str]:
+    """Wildcard placeholders: style 'snakemake' -> {wildcards.x}; 'dvc' -> ${item.x}."""
+    names = WILDCARDS[stage]
+    if style == "snakemake":
+        return {n: "{wildcards." + n + "}" for n in names}
+    if style == "dvc":
+        return {n: ("${item}" if names == ("profile",) else "${item." + n + "}") for n in names}
+    raise ValueError(f"unknown placeholder style '{style}' (use 'snakemake' or 'dvc')")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
+# --------------------------------------------------------------------------- dvc.yaml
+
+_DVC_HEADER = """\
+# Generated by `robust-ebm dvc-yaml` from params.yaml and src/robust_ebm/plan.py: do not edit.
+# The same jobs and byte-identical commands as the Snakefile (tests/test_dag_sync.py).
+# Stage names: <stage>@<profile>[-<dataset>[-<method>-s<seed>]], e.g. train@smoke-digits-jem-s0.
+#   dvc repro tables@smoke       the smoke profile (CPU, minutes)
+#   dvc repro tables@paper       every paper table (GPU days)
+# Fan-in stages (figures, tables) depend on results directories, whose producers DVC finds.
+"""
+
+
+def _dvc_stage(stage: str, items, template: dict[str, str], plan: "Plan") -> dict:
+    """One foreach stage: `items` are the explicit job wildcards, `do` the templated job."""
+    if stage in ("figures", "tables"):
+        root = "{results}/${{item}}".format(results=plan.results)
+        deps = [f"{root}/{d}" for d in ("models", "eval", "metrics")]
+        deps += [f"{root}/samples"] if stage == "figures" else [f"{root}/figures"]
+    else:
+        keys = [k for k in INPUTS[stage] if not (k == "refclf" and plan.refclf_method is None)]
+        deps = [template[k] for k in keys]
+    do: dict[str, Any] = {"cmd": template["command"], "deps": deps + list(CODE[stage]),
+                          "params": list(params_keys(stage, placeholders(stage, "dvc")))}
+    outs = [template[k] for k in OUTPUTS[stage]]
+    metrics = [o for o in outs if o.endswith(".json")]
+    do["outs"] = [o for o in outs if o not in metrics]
+    if metrics:
+        do["metrics"] = [{m: {"cache": False}} for m in metrics]
+    if not do["outs"]:
+        del do["outs"]
+    return {"foreach": items, "do": do}
+
+
+def dvc_yaml(params, profiles: list[str] | None = None, params_file: str = PARAMS_FILE) -> str:
+    """dvc.yaml text: one foreach stage per pipeline stage over the jobs of every profile."""
+    import yaml
+
+    plans = [Plan(params, p, params_file=params_file) for p in (profiles or list(params.profiles))]
+    if len({(p.results, p.refclf_method) for p in plans}) > 1:
+        raise ValueError("dvc.yaml needs one `paths.results` and one `metrics.refclf.method` for all "
+                         "profiles (the stage templates are shared); remove those profile overrides")
+    stages: dict[str, Any] = {}
+    for stage in STAGES:
+        items: dict[str, Any] = {}
+        for plan in plans:
+            for job in (j for j in plan.jobs if j.stage == stage):
+                items[job.name] = dict(job.wildcards)
+        if stage in ("figures", "tables"):
+            items = list(items)  # foreach over profile names: ${item}
+        stages[stage] = _dvc_stage(stage, items, plans[0].template(stage, "dvc"), plans[0])
+    body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=1000, default_flow_style=None)
+    return _DVC_HEADER + body

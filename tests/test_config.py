@@ -1,0 +1,205 @@
+"""params.yaml schema: the repository's file loads for every profile and run; bad input names its key."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from robust_ebm.config import ConfigError, RunConfig, load_params, params_from_dict
+
+
+@pytest.fixture(scope="module")
+def raw(repo_root):
+    return yaml.safe_load((repo_root / "params.yaml").read_text())
+
+
+def invalid(raw, edit) -> str:
+    """Apply `edit` to a copy of the repo's params and return the ConfigError message."""
+    data = copy.deepcopy(raw)
+    edit(data)
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(data)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- the repository's params.yaml
+
+
+def test_every_profile_and_run_resolves(params):
+    assert set(params.profiles) >= {"smoke", "mini", "paper"}
+    for name in params.profiles:
+        prof = params.profile_config(name)
+        assert prof.runs, f"profile {name} has no runs"
+        for dataset, method in prof.runs:
+            for seed in prof.seeds:
+                run = prof.run(dataset, method, seed)
+                assert isinstance(run, RunConfig)
+                assert run.model == prof.models[run.method.model]
+                assert run.dataset.root is not None
+                json.dumps(run.to_dict())  # JSON-able for MLflow / stage outputs
+
+
+def test_smoke_profile_is_small_and_covers_every_method(params):
+    prof = params.profile_config("smoke")
+    assert prof.device == "cpu"
+    assert {m for _, m in prof.runs} == set(params.methods)
+    assert {d for d, _ in prof.runs} == {"digits"}
+    for name, method in prof.methods.items():
+        assert prof.models[method.model].arch == "tiny_cnn", name
+        assert method.schedule.epochs <= 2, name
+        assert method.attack is None or method.attack.steps <= 2, name
+        assert method.sampler is None or method.sampler.steps <= 2, name
+    assert prof.evaluation.autoattack.n_examples <= 32
+    assert prof.table_datasets["CIFAR-10"] == "digits"
+
+
+def test_paper_profile_keeps_the_papers_settings(params):
+    prof = params.profile_config("paper")
+    assert prof.methods["trades"].params["beta"] == 6.0
+    assert prof.methods["jem"].optim.name == "adam"
+    assert prof.models[prof.methods["jem"].model].norm == "none"
+    assert prof.models[prof.methods["jempp"].model].bn_momentum == 0.9
+    assert prof.evaluation.pgd.eps == pytest.approx(8 / 255)
+    assert prof.evaluation.ebjdat_scale.eps == pytest.approx(4 / 255)
+    assert set(prof.table_datasets) == {"CIFAR-10", "CIFAR-100", "SVHN", "Tiny-ImageNet", "ImageNet-subset-64x64"}
+    assert ("cifar100", "ebjdat_sadajem") in prof.runs and ("svhn", "standard") not in prof.runs
+
+
+def test_generator_method_lists_are_expanded(params):
+    prof = params.profile_config("paper")
+    gens = prof.generation.generators
+    assert "standard" in gens["jeat_eq17"].methods                 # methods: all
+    assert "jem" in gens["jem_buffer"].methods and "standard" not in gens["jem_buffer"].methods
+    assert "jem_buffer" not in prof.generation.for_method("trades")
+
+
+# ---------------------------------------------------------------- errors name the key
+
+
+def test_unknown_key_lists_allowed_keys(raw):
+    msg = invalid(raw, lambda d: d["methods"]["trades"]["optim"].update(lr_typo=0.1))
+    assert "methods.trades.optim.lr_typo" in msg and "'weight_decay'" in msg
+
+
+def test_wrong_type(raw):
+    msg = invalid(raw, lambda d: d["methods"]["trades"]["data"].update(batch_size="big"))
+    assert "methods.trades.data.batch_size" in msg
+
+
+def test_eps_above_one(raw):
+    msg = invalid(raw, lambda d: d["methods"]["trades"]["attack"].update(eps=2.0))
+    assert "methods.trades.attack.eps" in msg and "exceeds 1" in msg
+
+
+def test_negative_steps(raw):
+    msg = invalid(raw, lambda d: d["methods"]["pgd_at"]["attack"].update(steps=-3))
+    assert "methods.pgd_at.attack.steps" in msg and "greater than or equal to 1" in msg
+
+
+def test_bad_literal_lists_allowed_values(raw):
+    msg = invalid(raw, lambda d: d["methods"]["trades"]["optim"].update(name="rmsprop"))
+    assert "methods.trades.optim.name" in msg and "'sgd'" in msg and "'sam'" in msg
+
+
+def test_unknown_method_in_profile(raw):
+    msg = invalid(raw, lambda d: d["profiles"]["smoke"].update(runs={"digits": ["standard", "nope"]}))
+    assert "profiles.smoke.runs.digits" in msg and "'nope'" in msg and "'standard'" in msg
+
+
+def test_unknown_dataset_in_profile(raw):
+    msg = invalid(raw, lambda d: d["profiles"]["smoke"].update(runs={"mnist": "all"}))
+    assert "profiles.smoke.runs.mnist" in msg and "'digits'" in msg
+
+
+def test_unknown_model(raw):
+    msg = invalid(raw, lambda d: d["methods"]["jem"].update(model="wrn99"))
+    assert "methods.jem.model" in msg and "wrn28_10_jem" in msg
+
+
+def test_unknown_active_profile(raw):
+    msg = invalid(raw, lambda d: d.update(profile="huge"))
+    assert "profile" in msg and "'smoke'" in msg
+
+
+def test_bad_value_inside_a_profile_override(raw):
+    msg = invalid(raw, lambda d: d["profiles"]["smoke"]["overrides"]["methods"]["*"].update(optim={"lr": -1.0}))
+    assert "profile 'smoke'" in msg and "methods.standard.optim.lr" in msg
+
+
+def test_unknown_override_section(raw):
+    msg = invalid(raw, lambda d: d["profiles"]["smoke"]["overrides"].update(metric={}))
+    assert "profiles.smoke.overrides" in msg and "metrics" in msg
+
+
+def test_every_problem_is_reported_at_once(raw):
+    def edit(d):
+        d["methods"]["trades"]["attack"]["steps"] = 0
+        d["methods"]["mart"]["optim"]["momentum"] = 2.0
+    msg = invalid(raw, edit)
+    assert "methods.trades.attack.steps" in msg and "methods.mart.optim.momentum" in msg and "2 problems" in msg
+
+
+def test_method_params_are_checked_by_the_methods_package(raw):
+    pytest.importorskip("robust_ebm.methods")
+    msg = invalid(raw, lambda d: d["methods"]["trades"]["params"].update(gamma=1.0))
+    assert "methods.trades.params" in msg and "gamma" in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+# ---------------------------------------------------------------- profile resolution
+
+
+def test_override_merge_order(raw):
+    data = copy.deepcopy(raw)
+    data["profiles"]["t"] = {"seeds": [3], "runs": {"digits": ["standard", "jem", "mart"]}, "overrides": {"methods": {
+        "*": {"optim": {"lr": 0.5}, "sampler": {"steps": 3}, "data": {"px_batch_size": 7}},
+        "jem": {"optim": {"lr": 0.25}},
+        "mart": {"schedule": {"milestones": [1]}},
+    }}}
+    params = params_from_dict(data)
+    prof = params.profile_config("t")
+    std, jem, mart = prof.methods["standard"], prof.methods["jem"], prof.methods["mart"]
+    assert std.optim.lr == 0.5 and jem.optim.lr == 0.25             # the named entry wins over "*"
+    assert std.optim.momentum == params.methods["standard"].optim.momentum  # deep merge keeps siblings
+    assert std.sampler is None and std.data.px_batch_size is None    # "*" never creates a null section
+    assert jem.sampler.steps == 3 and jem.sampler.buffer_size == params.methods["jem"].sampler.buffer_size
+    assert jem.data.px_batch_size == 7
+    assert mart.schedule.milestones == [1]                           # lists replace
+    assert params.methods["standard"].optim.lr == raw["methods"]["standard"]["optim"]["lr"]  # base untouched
+    assert prof.runs == [("digits", "standard"), ("digits", "jem"), ("digits", "mart")] and prof.seeds == [3]
+
+
+def test_env_sets_data_root_and_tracking_uri(params, monkeypatch, tmp_path):
+    monkeypatch.setenv("ROBUST_EBM_DATA_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x.db")
+    run = params.profile_config("mini").run("cifar10", "standard", 0)
+    assert run.dataset.root == str(tmp_path / "cifar10")
+    assert run.tracking.uri == "sqlite:////tmp/x.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert params.profile_config("mini").tracking.uri == "sqlite:///mlflow.db"
+
+
+def test_explicit_dataset_root_wins(raw, monkeypatch, tmp_path):
+    data = copy.deepcopy(raw)
+    data["datasets"]["cifar10"]["root"] = "/data/my-cifar"
+    monkeypatch.setenv("ROBUST_EBM_DATA_ROOT", str(tmp_path))
+    assert params_from_dict(data).profile_config("paper").dataset("cifar10").root == "/data/my-cifar"
+
+
+def test_unknown_names_at_resolution(params):
+    with pytest.raises(ConfigError, match="allowed"):
+        params.profile_config("nope")
+    with pytest.raises(ConfigError, match="unknown method"):
+        params.profile_config("smoke").run("digits", "nope", 0)
+
+
+def test_selection_window_must_fit_the_schedule(raw):
+    msg = invalid(raw, lambda d: d["methods"]["weat_adv"]["schedule"].update(epochs=50))
+    assert "methods.weat_adv" in msg and "select.from_epoch=90" in msg

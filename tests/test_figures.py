@@ -1,0 +1,134 @@
+"""Figures: the energy landscape grid, SSIM neighbours, plotting functions and the figures stage."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+import robust_ebm.figures as figures
+from robust_ebm.config import FiguresConfig
+from robust_ebm.energy import joint_energy, marginal_energy
+from robust_ebm.models import ModelConfig, build_model, save_classifier
+
+
+def tiny_classifier(seed=0, channels=1, size=8, classes=3):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(arch="tiny_cnn", width=4), num_classes=classes, in_channels=channels,
+                       image_size=size).eval()
+
+
+def test_landscape_centre_is_the_image_and_grid_points_are_x0_plus_a_d1_plus_b_d2():
+    model = tiny_classifier()
+    x0, y0 = torch.rand(1, 8, 8), 2
+    d1, d2 = figures.random_directions(x0.shape, torch.Generator().manual_seed(0))
+    assert d1.norm() == pytest.approx(1.0) and d2.norm() == pytest.approx(1.0)
+    land = figures.energy_landscape(model, x0, y0, d1, d2, radius=0.5, grid=5, batch_size=7)
+    assert land["E_xy"].shape == land["E_x"].shape == (5, 5) and land["coords"][2] == 0.0
+    with torch.no_grad():
+        logits = model(x0[None])
+        corner = model((x0 - 0.5 * d1 + 0.25 * d2)[None])  # a = coords[0] = -0.5, b = coords[3] = 0.25
+    assert land["E_xy"][2, 2] == pytest.approx(joint_energy(logits, torch.tensor([y0])).item(), abs=1e-5)
+    assert land["E_x"][2, 2] == pytest.approx(marginal_energy(logits).item(), abs=1e-5)
+    assert land["E_xy"][0, 3] == pytest.approx(joint_energy(corner, torch.tensor([y0])).item(), abs=1e-5)
+
+
+def test_nearest_by_ssim_finds_an_exact_copy_first():
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8, generator=g)
+    idx, scores = figures.nearest_by_ssim(pool[[7, 3]], pool, k=4, batch_size=6)
+    assert idx[:, 0].tolist() == [7, 3] and torch.allclose(scores[:, 0], torch.ones(2), atol=1e-5)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+
+
+def test_histogram_range_falls_back_to_the_data_only_when_the_configured_one_misses_it():
+    assert figures._hist_range([np.array([-5.0, 0.0, 3.0])], (-40, 20)) == ((-40, 20), False)
+    rng, auto = figures._hist_range([np.array([100.0, 120.0, 150.0])], (-40, 20))
+    assert auto and rng[0] < 101 and rng[1] > 149
+    rng, auto = figures._hist_range([np.array([-0.3, -0.2, 0.1])], (-40, 20))  # fills < 10% of the range
+    assert auto and rng[1] - rng[0] < 1
+
+
+def test_dynamics_plot_handles_gaps_and_spreads_and_rejects_empty_input():
+    dyn = {"epoch": [1, 2, 3], "jeat/dx_E_xy/mean": [0.5, None, 0.2], "jeat/dx_E_xy/var": [0.1, None, 0.1],
+           "weat/dE_x": [None, None, -0.1], "never": [None, None, None]}
+    fig = figures.plot_dynamics(dyn, "t")
+    assert isinstance(fig, Figure) and len(fig.axes) == 2  # 'never' and the var companion get no panel
+    with pytest.raises(ValueError, match="no plottable"):
+        figures.plot_dynamics({"epoch": [1], "x": [None]}, "t")
+
+
+def test_save_figure_writes_png_and_pdf(tmp_path):
+    fig = figures.plot_accuracy_scatter({"pgd_at": [(0.8, 0.45), (0.82, 0.47)], "standard": [(0.95, 0.0)]}, "t")
+    paths = figures.save_figure(fig, tmp_path, "scatter")
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    assert paths[0].read_bytes()[:4] == b"\x89PNG" and paths[1].read_bytes()[:4] == b"%PDF"
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """A one-data-set, two-method profile's stage outputs."""
+    r = tmp_path / "results" / "smoke"
+    g = torch.Generator().manual_seed(0)
+    split = lambda n: SimpleNamespace(images=torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g),  # noqa: E731
+                                      labels=torch.arange(n) % 3)
+    splits = SimpleNamespace(train=split(12), valid=split(3), test=split(6), classes=["zero", "one", "two"])
+    (r / "data" / "digits").mkdir(parents=True)
+    (r / "data" / "digits" / "splits.pt").write_bytes(b"")
+    monkeypatch.setattr(figures, "load_prepared", lambda d: (splits, None))
+    rng = np.random.default_rng(0)
+    for i, method in enumerate(("standard", "jeat")):
+        run = r / "models" / "digits" / method / "s0"
+        run.mkdir(parents=True)
+        save_classifier(run / "model.pt", tiny_classifier(i), ModelConfig(arch="tiny_cnn", width=4), {})
+        (run / "dynamics.json").write_text(json.dumps({"epoch": [1, 2], "E_x/clean/mean": [-1.0, -2.0],
+                                                       "E_x/clean/var": [0.1, 0.2]}))
+        ev = r / "eval" / "digits" / method
+        ev.mkdir(parents=True)
+        (ev / "s0.json").write_text(json.dumps({"columns": {"clean": {"accuracy": 0.9 - i / 10},
+                                                            "autoattack": {"accuracy": 0.1 + i / 5}}}))
+        np.savez(ev / "s0.energies.npz", labels=np.zeros(6), clean_marginal=rng.normal(-5, 1, 6),
+                 clean_joint=rng.normal(-3, 1, 6), pgd_marginal=rng.normal(-6, 1, 6), pgd_joint=rng.normal(2, 1, 6))
+        (r / "metrics" / "digits" / method).mkdir(parents=True)
+        np.savez(r / "metrics" / "digits" / method / "s0.energies.npz", sgld_marginal=rng.normal(-4, 1, 9),
+                 sgld_joint=rng.normal(-2, 1, 9), sgld_labels=np.arange(9) % 3)
+        samples = r / "samples" / "digits" / method / "s0"
+        samples.mkdir(parents=True)
+        np.savez(samples / "sgld.npz", images=torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8).numpy(),
+                 labels=(np.arange(9) % 3).astype(np.int64))
+    cfg = FiguresConfig.model_validate({"landscape": {"grid": 5, "radius": 0.5, "n_images": 1},
+                                        "samples": {"n_per_class": 3}, "nearest": {"n_images": 2, "k": 3}})
+    profile = SimpleNamespace(name="smoke", figures=cfg, run_datasets=["digits"], seeds=[0], device="cpu",
+                              methods_for=lambda d: ["standard", "jeat"])
+    return profile, r
+
+
+def test_figures_stage_draws_every_figure_present_and_lists_them(results, tmp_path):
+    profile, r = results
+    out = tmp_path / "figs"
+    files = figures.figures_stage(profile, r, out)
+    listing = json.loads((out / "figures.json").read_text())
+    names = {e["name"] for e in listing["figures"]}
+    assert names == {
+        "landscape_joint_digits_img0", "landscape_marginal_digits_img0",
+        "energy_hist_attacks_digits_standard_s0", "energy_hist_attacks_digits_jeat_s0",
+        "energy_hist_clean_adv_gen_digits_s0",
+        "dynamics_digits_standard_s0", "dynamics_digits_jeat_s0",
+        "samples_digits_standard_s0_sgld", "samples_digits_jeat_s0_sgld",
+        "nearest_ssim_digits_standard_s0_sgld", "nearest_ssim_digits_jeat_s0_sgld",
+        "clean_vs_autoattack_digits"}
+    assert all(p.is_file() and p.stat().st_size > 0 for p in files) and len(files) == 2 * len(names) + 1
+    gen_entry = next(e for e in listing["figures"] if e["name"] == "energy_hist_clean_adv_gen_digits_s0")
+    assert any(i.endswith("metrics/digits/jeat/s0.energies.npz") for i in gen_entry["inputs"])
+
+
+def test_figures_stage_skips_what_is_missing(results, tmp_path):
+    profile, r = results
+    for npz in (r / "eval").rglob("*.npz"):
+        npz.unlink()
+    names = {e["name"] for e in json.loads((figures.figures_stage(profile, r, tmp_path / "f")[-1]).read_text())["figures"]}
+    assert not any(n.startswith("energy_hist") for n in names) and "clean_vs_autoattack_digits" in names
+    with pytest.raises(FileNotFoundError, match="no results folder"):
+        figures.figures_stage(profile, tmp_path / "nowhere", tmp_path / "f")

@@ -1,0 +1,101 @@
+"""The job plan: jobs, paths, reference classifier, commands, dvc.yaml."""
+
+import pytest
+import yaml
+
+from robust_ebm.config import load_params
+from robust_ebm.plan import STAGES, Plan, dvc_yaml, shell_command
+from repo_copy import ROOT
+
+
+@pytest.fixture(scope="module")
+def params():
+    return load_params(ROOT / "params.yaml")
+
+
+def test_every_profile_plans_every_stage_under_its_own_results_dir(params):
+    outputs = {}
+    for name in params.profiles:
+        plan = Plan(params, name)
+        assert {j.stage for j in plan.jobs} == set(STAGES)
+        for job in plan.jobs:
+            assert all(o.startswith(f"{plan.results}/{name}/") for o in job.outputs)
+            outputs.setdefault(name, set()).update(job.outputs)
+    names = list(outputs)
+    for i, a in enumerate(names):  # profiles never write the same file
+        for b in names[i + 1:]:
+            assert not outputs[a] & outputs[b]
+
+
+def test_job_counts_follow_runs_and_seeds(params):
+    plan = Plan(params, "smoke")
+    runs = [(d, m, s) for d, m in plan.config.runs for s in plan.config.seeds]
+    assert plan.runs == runs
+    count = lambda stage: sum(j.stage == stage for j in plan.jobs)  # noqa: E731
+    assert count("evaluate") == count("generate") == count("metrics") == len(runs)
+    assert count("train") == len(runs) + len(plan.reference_runs)
+    assert count("data") == len({d for d, _, _ in runs})
+
+
+def test_every_metrics_job_has_a_planned_reference_classifier(params):
+    for name in params.profiles:
+        plan = Plan(params, name)
+        models = {o for j in plan.jobs if j.stage == "train" for o in j.outputs}
+        for job in (j for j in plan.jobs if j.stage == "metrics"):
+            w = job.wildcards
+            ref = f"{plan.results}/{name}/models/{w['dataset']}/{plan.refclf_method}/s{w['seed']}/model.pt"
+            assert ref in job.inputs and ref in models
+
+
+def test_reference_runs_are_added_train_only(params):
+    plan = Plan(params, "paper")
+    for d, m, s in plan.reference_runs:
+        assert m == plan.refclf_method and (d, m, s) not in plan.runs
+        assert not [j for j in plan.jobs if j.stage == "evaluate" and j.wildcards == {
+            "profile": "paper", "dataset": d, "method": m, "seed": s}]
+
+
+def test_command_names_every_input_and_output(params):
+    plan = Plan(params, "smoke")
+    job = plan.job("metrics", profile="smoke", dataset="digits", method="jem", seed="0")
+    for path in [*job.outputs[:1], *(i for i in job.inputs if not i.startswith("src/") and "energies" not in i)]:
+        assert f" {path}" in job.command
+    assert job.command.startswith("robust-ebm metrics --params params.yaml --profile smoke")
+    assert f"--log {job.log}" in job.command
+
+
+def test_templates_render_to_the_concrete_command(params):
+    plan = Plan(params, "smoke")
+    job = plan.job("train", profile="smoke", dataset="digits", method="trades", seed=0)
+    smk = plan.template("train", "snakemake")["command"]
+    assert smk.format(wildcards=type("W", (), job.wildcards)) == job.command
+    dvc = plan.template("train", "dvc")["command"]
+    for k, v in job.wildcards.items():
+        dvc = dvc.replace("${item." + k + "}", str(v))
+    assert dvc == job.command
+
+
+def test_settings_digest_changes_only_with_what_the_job_reads(params):
+    plan = Plan(params, "smoke")
+    w = dict(profile="smoke", dataset="digits", method="jem", seed=0)
+    assert plan.settings("train", **w) == plan.settings("train", **w)
+    assert plan.settings("train", **w) != plan.settings("train", **{**w, "method": "jempp"})
+
+
+def test_unknown_job_and_profile_are_clear_errors(params):
+    plan = Plan(params, "smoke")
+    with pytest.raises(KeyError, match="plans no train job"):
+        plan.job("train", profile="smoke", dataset="cifar10", method="jem", seed=0)
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        Plan(params, "nope")
+
+
+def test_dvc_yaml_lists_every_job_of_every_profile(params):
+    doc = yaml.safe_load(dvc_yaml(params))["stages"]
+    for name in params.profiles:
+        plan = Plan(params, name)
+        for job in plan.jobs:
+            items = doc[job.stage]["foreach"]
+            assert job.name in items
+    assert doc["metrics"]["do"]["metrics"]  # JSON outputs are DVC metrics
+    assert "refclf" not in shell_command("metrics", {}, refclf=False)

@@ -1,0 +1,126 @@
+"""Paper-vs-ours tables on synthetic stage outputs: right numbers in the right cells."""
+
+import csv
+import io
+import json
+import math
+import re
+
+import pytest
+
+from robust_ebm.config import load_params
+from robust_ebm import tables
+from repo_copy import ROOT
+
+ACC = {0: 0.5, 1: 0.7}  # clean accuracy of digits/standard per seed
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture(scope="module")
+def profile():
+    smoke = load_params(ROOT / "params.yaml").profile_config("smoke")
+    return smoke.model_copy(update={"seeds": [0, 1]})
+
+
+@pytest.fixture
+def results(tmp_path, profile):
+    for d, m in profile.runs:
+        for s in profile.seeds:
+            acc = ACC[s] if m == "standard" else 0.25
+            write(tmp_path / "eval" / d / m / f"s{s}.json", {"columns": {
+                "clean": {"accuracy": acc, "status": "ok"}, "pgd": {"accuracy": acc / 2, "status": "ok"},
+                "energy_attack": {"accuracy": 0.1, "status": "ok"},
+                "autoattack": {"accuracy": 0.05 * (s + 1), "status": "ok"},
+                "eot": {"accuracy": None, "status": "not applicable: deterministic model"}}})
+            gens = {g: {"n_samples": 40, "refclf": {"is_refclf": 2.0 + s, "fid_refclf": 10.0 * (s + 1)}}
+                    for g in ("jem_buffer", "jeat_eq17", "jeat_eq16", "weat_momentum", "santurkar_l2")}
+            write(tmp_path / "metrics" / d / m / f"s{s}.json", {
+                "inception": {"status": "unavailable", "reason": "offline"}, "generators": gens,
+                "fisher": {"jfs": 1.0 + s, "mfs": 3.0},
+                "energy": {"gap": {"E_xy/clean->pgd": 4.0, "E_xy/clean->generated/jem_buffer": -2.0}}})
+    return tmp_path
+
+
+def build(name, profile, results):
+    records = [r for r in tables.load_paper_records() if f"{r['paper']}_{r['table_id']}" == name]
+    return tables.build_table(records[0]["paper"], records[0]["table_id"], records, profile,
+                              tables.Results(results), {"digits": "digits (smoke stand-in for CIFAR-10)"})
+
+
+def row(table, dataset, method):
+    return next(r for r in table.rows if r["label"]["dataset"] == dataset and r["label"]["method"] == method)
+
+
+def test_mean_std_and_diff_land_in_the_right_cells(profile, results):
+    t = build("JEAT_Tab1", profile, results)
+    r = row(t, "CIFAR-10", "standard_training")
+    cell = r["ours"]["accuracy_no_attack"]
+    assert cell.values == [50.0, 70.0]
+    assert cell.mean == pytest.approx(60.0) and cell.std == pytest.approx(math.sqrt(200.0))
+    assert r["ours"]["accuracy_normal_attack_CE"].mean == pytest.approx(30.0)  # the PGD column
+    paper = r["paper"]["accuracy_no_attack"]
+    md = tables.to_markdown(t)
+    assert f"60.00 ± {math.sqrt(200):.2f}" in md and f"{60.0 - paper:.2f}" in md
+    assert "not in profile smoke" in row(t, "CIFAR-100", "standard_training")["ours"]["accuracy_no_attack"].reason
+
+
+def test_external_baselines_and_unknown_values_say_why(profile, results):
+    t = build("EBJDAT_Tab2_sota_at_cifar10", profile, results)
+    assert row(t, "CIFAR-10", "AWP")["ours"]["clean_accuracy"].reason == tables.EXTERNAL
+    assert row(t, "CIFAR-10", "TRADES")["ours"]["robust_accuracy_AA"].mean == pytest.approx(7.5)
+
+
+def test_inception_unavailable_points_to_the_stand_in_column(profile, results):
+    t = build("JEAT_Tab2", profile, results)
+    r = row(t, "CIFAR-10", "JEM")
+    assert r["ours"]["FID"].reason == "Inception weights unavailable: refclf stand-in in column FID_refclf"
+    assert r["ours"]["FID_refclf"].mean == pytest.approx(15.0)
+    assert r["ours"]["JFS"].mean == pytest.approx(1.5)
+    gap = row(build("EBJDAT_Tab1_energy_gap", profile, results), "CIFAR-10", "JEM-family")
+    assert gap["ours"]["mean_energy_gap_clean_vs_generated"].mean == pytest.approx(-2.0)
+
+
+def test_missing_results_are_named(profile, tmp_path):
+    t = build("WEAT_Tab1_main", profile, tmp_path)
+    reason = row(t, "CIFAR-10", "TRADES")["ours"]["clean_accuracy"].reason
+    assert reason.startswith("missing eval/digits/trades/s0.json")
+
+
+def test_stage_writes_every_table_in_three_formats(profile, results, tmp_path):
+    out = tmp_path / "tables"
+    files = tables.tables_stage(profile, results, out)
+    groups = {(r["paper"], r["table_id"]) for r in tables.load_paper_records()}
+    assert len(files) == 3 * len(groups) + 1 and (out / "README.md").is_file()
+    for paper, table_id in groups:
+        name = f"{paper}_{table_id}"
+        recs = [r for r in tables.load_paper_records() if (r["paper"], r["table_id"]) == (paper, table_id)]
+        rows = list(csv.DictReader(io.StringIO((out / f"{name}.csv").read_text())))
+        assert len(rows) == len({(r["dataset"], r["method"], str(r.get("architecture"))) for r in recs})
+        for line in rows:  # every cell of ours: a number or a reason
+            for metric in {r["metric"] for r in recs}:
+                assert line[f"{metric}_ours_mean"] or line[f"{metric}_reason"], (name, metric)
+                if line[f"{metric}_ours_mean"] and line[f"{metric}_paper"]:
+                    diff = float(line[f"{metric}_ours_mean"]) - float(line[f"{metric}_paper"])
+                    assert float(line[f"{metric}_diff"]) == pytest.approx(diff, abs=1e-3)
+        tex = (out / f"{name}.tex").read_text()
+        body = re.sub(r"\\[a-zA-Z]+|\\[_%&#${}]|\$\\pm\$|\$\\to\$", "", tex)
+        assert not re.search(r"[_%&#]", body.replace("&", "")), name  # specials are escaped
+        assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
+        assert tex.count("{") - tex.count(r"\{") == tex.count("}") - tex.count(r"\}")
+        assert f"{name}" in (out / "README.md").read_text()
+        assert "profile smoke" in (out / f"{name}.md").read_text()
+
+
+def test_latex_escape():
+    assert tables.latex_escape("a_b 50% & $x ± 1") == r"a\_b 50\% \& \$x $\pm$ 1"
+
+
+def test_every_paper_method_and_metric_is_mapped():
+    records = tables.load_paper_records()
+    assert {r["method"] for r in records} <= set(tables.METHODS)
+    assert {r["metric"] for r in records} <= set(tables.METRICS)
+    assert {k for k, _ in tables.METHODS.values() if k} <= set(load_params(ROOT / "params.yaml").methods)
