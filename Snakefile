@@ -1,6 +1,6 @@
 # robust-ebm workflow. From the repository root:
 #
-#     snakemake --cores all --config profile=smoke results/tables
+#     snakemake --cores all results/tables --config profile=smoke
 #
 # Every job comes from robust_ebm.plan (the same plan writes dvc.yaml); the
 # rules under workflow/rules/ only call `robust-ebm <stage>` with explicit paths.
@@ -8,6 +8,9 @@
 # results/tables is a symlink to results/<profile>/tables (see README).
 
 import os
+import shutil
+import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -15,6 +18,8 @@ from robust_ebm.config import ConfigError, load_params
 from robust_ebm.plan import Plan
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # jobs inherit it; commands stay identical
+if shutil.which("robust-ebm") is None:  # e.g. `.venv/bin/snakemake` run without activating the venv
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 configfile: "params.yaml"
 

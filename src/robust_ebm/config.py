@@ -248,7 +248,7 @@ class GeneratorSpec(Strict):
     kind: Literal["sgld", "targeted_pgd", "buffer"]
     sampler: SamplerConfig | None = None
     attack: AttackConfig | None = None
-    init: Literal["uniform", "gaussian", "pca", "buffer", "data", "noisy_data"] = "gaussian"
+    init: Literal["uniform", "gaussian", "pca", "buffer", "data"] = "gaussian"
     pca_fraction: float = Field(0.95, gt=0.0, le=1.0, description="init 'pca': variance kept (WEAT 95%)")
     pca_sigma: float = Field(0.005, ge=0.0, description="init 'pca': pixel noise added (WEAT sigma_pca)")
     methods: Literal["all"] | list[str] = "all"

@@ -197,10 +197,6 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
     gen_cfg = run.generation
     method = run.method_name
     chosen = gen_cfg.for_method(method)
-    for name, spec in chosen.items():
-        if spec.init == "noisy_data":
-            raise ValueError(f"generation.generators.{name}: init 'noisy_data' is not implemented by the generate "
-                             "stage; use gaussian, pca, uniform or data")
 
     device = pick_device(run.device)
     model, meta = load_for_run(run, model_path, device)

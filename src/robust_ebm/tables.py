@@ -177,6 +177,11 @@ def _ours_text(cell: Cell) -> str:
     return _fmt(cell.mean)
 
 
+# The papers' data sets and our keys for the same data: a diff is only computed on the same data.
+PAPER_DATASETS = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "SVHN": "svhn",
+                  "Tiny-ImageNet": "tinyimagenet", "ImageNet-subset-64x64": "imagenet64"}
+
+
 @dataclass
 class Table:
     paper: str
@@ -243,6 +248,8 @@ def build_table(paper: str, table_id: str, records: list[dict], profile, results
             "label": {"dataset": dataset, "method": method, "architecture": arch,
                       "ours": f"{ours_dataset}/{ours_method}" if not why else "-"},
             "paper": row["paper"], "units": row["units"], "ours": ours, "notes": "; ".join(notes),
+            "diff_blocked": (None if why or ours_dataset == PAPER_DATASETS.get(dataset)
+                             else f"n/a: ours on {ours_dataset}, paper on {dataset}"),
         })
     caption = _caption(paper, table_id, records[0].get("caption_summary", ""), profile, rows, dataset_notes)
     return Table(paper, table_id, caption, metrics + stand_ins, out_rows)
@@ -270,7 +277,7 @@ def _caption(paper, table_id, summary, profile, rows, dataset_notes) -> str:
     seeds = ", ".join(map(str, profile.seeds))
     return (f"{paper} {table_id}: {summary}. Ours: profile {profile.name}; data sets: {'; '.join(ds)}; "
             f"seeds [{seeds}] (n={len(profile.seeds)}, mean ± std). {protocol_text(profile)} "
-            "diff = ours - paper.")
+            "diff = ours - paper, only where both are on the same data set.")
 
 
 def dataset_note(profile, key: str, results_dir: Path) -> str:
@@ -307,8 +314,10 @@ def _cells(table: Table, row: dict) -> list[str]:
             paper = row["paper"].get(m)
             paper_text = _fmt(_number(paper)) if _number(paper) is not None else (
                 "published value unknown" if m in row["paper"] else "not in the paper's row")
-            diff = (_fmt(cell.mean - paper) if cell.mean is not None and _number(paper) is not None
-                    else "n/a: " + ("no published value" if _number(paper) is None else "no value of ours"))
+            if _number(paper) is None or cell.mean is None:
+                diff = "n/a: " + ("no published value" if _number(paper) is None else "no value of ours")
+            else:
+                diff = row["diff_blocked"] or _fmt(cell.mean - paper)
             out += [paper_text, _ours_text(cell), diff]
         else:
             out.append(_ours_text(cell))
@@ -336,7 +345,8 @@ def to_csv(table: Table) -> str:
         line = [table.paper, table.table_id, *r["label"].values()]
         for m in table.metrics:
             cell, paper = r["ours"][m], _number(r["paper"].get(m))
-            diff = cell.mean - paper if cell.mean is not None and paper is not None else None
+            comparable = cell.mean is not None and paper is not None and not r["diff_blocked"]
+            diff = cell.mean - paper if comparable else None
             reason = cell.reason or ("" if paper is not None or m not in METRICS else "published value unknown")
             line += [_fmt(paper, 4), _fmt(cell.mean, 4), _fmt(cell.std, 4), len(cell.values),
                      _fmt(diff, 4), reason]

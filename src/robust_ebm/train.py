@@ -160,6 +160,8 @@ class Streams:
     """
 
     def __init__(self, split, dcfg, *, needs_px: bool, seed: int, device):
+        # Move the uint8 split to the device once; every epoch's loaders then index it in place.
+        split = data.TensorSplit(split.images.to(device), split.labels.to(device))
         self.split, self.dcfg, self.seed, self.device = split, dcfg, seed, device
         n = len(split.labels)
         self.steps_per_epoch = n // dcfg.batch_size
