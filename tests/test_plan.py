@@ -99,3 +99,23 @@ def test_dvc_yaml_lists_every_job_of_every_profile(params):
             assert job.name in items
     assert doc["metrics"]["do"]["metrics"]  # JSON outputs are DVC metrics
     assert "refclf" not in shell_command("metrics", {}, refclf=False)
+
+
+def test_rerun_digests_change_only_for_the_stages_that_read_a_setting():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    from robust_ebm.config import params_from_dict
+
+    def digests(mutate):
+        r = yaml.safe_load(yaml.safe_dump(raw))
+        mutate(r)
+        plan = Plan(params_from_dict(r), "smoke")
+        return {s: plan.settings(s, dataset="digits", method="trades", seed="0") for s in
+                ("train", "evaluate", "generate", "metrics", "figures")}
+
+    base = digests(lambda r: None)
+    figures = digests(lambda r: r["figures"]["landscape"].update(radius=1.0))  # not overridden by smoke
+    assert [s for s in base if base[s] != figures[s]] == ["figures"]
+    lr = digests(lambda r: r["methods"]["trades"]["optim"].update(lr=0.05))
+    assert [s for s in base if base[s] != lr[s]] == ["train"]
+    evaluation = digests(lambda r: r["evaluation"]["pgd"].update(step="1/255"))
+    assert [s for s in base if base[s] != evaluation[s]] == ["evaluate"]

@@ -125,6 +125,16 @@ def job_name(stage: str, wildcards: dict[str, Any]) -> str:
     return str(w["profile"])
 
 
+# The RunConfig fields each run stage reads (its Snakemake rerun digest). Upstream changes reach
+# a stage through its input files (e.g. a retrained model.pt), so they need not be listed here.
+RUN_STAGE_SETTINGS = {
+    "train": ("dataset", "method_name", "method", "model", "seed", "device", "training"),
+    "evaluate": ("dataset", "method_name", "model", "seed", "device", "evaluation"),
+    "generate": ("dataset", "method_name", "model", "seed", "device", "generation"),
+    "metrics": ("dataset", "method_name", "model", "seed", "device", "metrics", "inception_weights"),
+}
+
+
 @dataclass(frozen=True)
 class Job:
     """One stage job: concrete wildcards, files, command, params keys it reads."""
@@ -248,11 +258,10 @@ class Plan:
         if stage == "data":
             payload: Any = c.dataset(wildcards["dataset"])
         elif stage in RUN_STAGES:
-            payload = c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])).to_dict()
-            # where things are logged or read from is not a setting of the result
-            payload.pop("tracking")
-            payload["dataset"].pop("root")
-            payload["paths"] = payload["paths"]["inception_weights"] if stage == "metrics" else None
+            run = c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])).to_dict()
+            run["dataset"].pop("root")  # where data is read from is not a setting of the result
+            run["inception_weights"] = run["paths"]["inception_weights"]
+            payload = {key: run[key] for key in RUN_STAGE_SETTINGS[stage]}
         else:
             payload = {"runs": self.runs, "figures": c.figures, "metrics": c.metrics,
                        "table_datasets": c.table_datasets}
