@@ -69,6 +69,13 @@ def test_train_valid_split_is_disjoint_and_complete():
         split_train_valid(split, 100, seed=0)
 
 
+def test_first_validation_images_are_a_uniform_draw_from_class_sorted_data():
+    labels = torch.arange(10).repeat_interleave(100)  # class by class, as ImageFolder reads them
+    split = TensorSplit(torch.zeros(1000, 1, 2, 2, dtype=torch.uint8), labels)
+    _, valid = split_train_valid(split, 200, seed=0)
+    assert len(set(valid.labels[:50].tolist())) == 10  # model selection reads the first n
+
+
 def test_image_folder_source_resizes(tmp_path):
     write_image_folder(tmp_path / "train", ["b", "a"], 5, size=10)
     write_image_folder(tmp_path / "val", ["b", "a"], 2, size=10)
@@ -78,6 +85,18 @@ def test_image_folder_source_resizes(tmp_path):
     assert (len(splits.train), len(splits.valid), len(splits.test)) == (8, 2, 4)
     assert splits.test.images.shape == (4, 3, 8, 8)
     assert splits.source.startswith("imagefolder")
+
+
+def test_image_folder_test_split_is_mixed_so_first_n_covers_every_class(tmp_path):
+    """Folder order is class by class; evaluation takes the first n test images."""
+    classes = [f"c{k}" for k in range(5)]
+    write_image_folder(tmp_path / "train", classes, 4, size=8)
+    write_image_folder(tmp_path / "test", classes, 20, size=8)
+    cfg = DatasetConfig(source="imagefolder", root=str(tmp_path), num_classes=5, channels=3, image_size=8, n_valid=2)
+    first, again = load_splits(cfg).test, load_splits(cfg).test
+    assert torch.equal(first.labels, again.labels) and torch.equal(first.images, again.images)  # fixed order
+    assert len(set(first.labels[:20].tolist())) == 5  # 20 images in folder order would be one class
+    assert sorted(first.labels.tolist()) == sorted(k for k in range(5) for _ in range(20))
 
 
 def test_missing_cifar_without_download_names_the_paths(tmp_path):

@@ -94,21 +94,36 @@ def load_splits(cfg: DatasetConfig, seed: int | None = None) -> Splits:
         train, test, classes, source = _read_torchvision(cfg)
     else:
         train, test, classes, source = _read_imagefolder_root(Path(cfg.root), cfg, dataset=cfg.root)
+    if source.startswith("imagefolder"):
+        test = mix_classes(test, cfg.split_seed)
     if len(classes) != cfg.num_classes:
         raise ValueError(f"{source}: found {len(classes)} classes but num_classes is {cfg.num_classes}; fix the data set's num_classes")
     train, valid = split_train_valid(train, cfg.n_valid, cfg.split_seed if seed is None else seed, n_train=cfg.n_train)
     return Splits(train=train, valid=valid, test=test, classes=classes, source=source)
 
 
+def mix_classes(split: TensorSplit, seed: int) -> TensorSplit:
+    """A fixed, seeded order for a split read class by class (ImageFolder).
+
+    Evaluation, Fisher scores, energy statistics and landscapes take the first n test images
+    (RobustBench's convention); in folder order those would all be one class.
+    """
+    return split.subset(torch.randperm(len(split), generator=torch.Generator().manual_seed(seed)))
+
+
 def split_train_valid(train: TensorSplit, n_valid: int, seed: int, *, n_train: int | None = None) -> tuple[TensorSplit, TensorSplit]:
-    """Random (seeded) disjoint train/valid split; both keep the original order of their images."""
+    """Random (seeded) disjoint train/valid split.
+
+    Train keeps the original order (loaders shuffle it); valid keeps the random order, so the
+    first n validation images used for model selection are a uniform draw, not a few classes.
+    """
     if n_valid >= len(train):
         raise ValueError(f"n_valid={n_valid} leaves no training images (only {len(train)}); lower n_valid")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     valid_idx, train_idx = perm[:n_valid], perm[n_valid:]
     if n_train is not None:
         train_idx = train_idx[:n_train]
-    return train.subset(train_idx.sort().values), train.subset(valid_idx.sort().values)
+    return train.subset(train_idx.sort().values), train.subset(valid_idx)
 
 
 # --------------------------------------------------------------------------- sources
