@@ -11,6 +11,7 @@ mode the training loop chose (train); attacks and samplers switch modes themselv
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,7 @@ def parse_params(schema: type[Strict], params, name: str) -> Strict:
         raise ValueError(f"method '{name}' params: {'; '.join(problems)}. Allowed keys: {allowed}") from None
 
 
-class Method:
+class Method(ABC):
     """Base class: one subclass per training method (see the module docstring for the protocol)."""
 
     Params: type[Strict] = NoParams
@@ -85,13 +86,13 @@ class Method:
                 raise ValueError(f"method '{self.name}' needs attack.objective {allowed}, "
                                  f"got '{cfg.attack.objective}'; fix methods.{self.name}.attack in params.yaml")
 
+    @abstractmethod
     def prepare(self, model, batch: Batch, *, epoch: int) -> dict[str, Tensor]:
         """Everything that needs no parameter gradient: attacks, SGLD samples. Returns the inputs of loss()."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, model, prepared: dict[str, Tensor], *, epoch: int) -> LossOutput:
         """Pure in θ given `prepared`; SAM calls it twice on the same prepared inputs."""
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         return {}
