@@ -11,13 +11,8 @@ from matplotlib.figure import Figure
 import robust_ebm.figures as figures
 from robust_ebm.config import FiguresConfig
 from robust_ebm.energy import joint_energy, marginal_energy
-from robust_ebm.models import ModelConfig, build_model, save_classifier
-
-
-def tiny_classifier(seed=0, channels=1, size=8, classes=3):
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(arch="tiny_cnn", width=4), num_classes=classes, in_channels=channels,
-                       image_size=size).eval()
+from robust_ebm.models import ModelConfig, save_classifier
+from helpers import tiny_classifier
 
 
 def test_landscape_centre_is_the_image_and_grid_points_are_x0_plus_a_d1_plus_b_d2():

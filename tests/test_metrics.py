@@ -20,7 +20,8 @@ from robust_ebm.metrics import (
     inception_metrics, inception_score_from_probs, mean_gap, metrics_stage, paired_delta, refclf_metrics,
     resolve_inception_weights, summarize,
 )
-from robust_ebm.models import ModelConfig, build_model, save_classifier
+from robust_ebm.models import ModelConfig, save_classifier
+from helpers import tiny_classifier
 
 
 # ---------------------------------------------------------------- Fréchet distance and Inception score
@@ -194,12 +195,6 @@ def test_reference_stats_are_cached_per_data_set(fake_weights, tmp_path, monkeyp
 
 
 # ---------------------------------------------------------------- reference classifier
-
-def tiny_classifier(seed=0, classes=3, channels=1, size=8):
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(arch="tiny_cnn", width=4), num_classes=classes, in_channels=channels,
-                       image_size=size).eval()
-
 
 def test_refclf_metrics_names_and_values():
     model = tiny_classifier()
