@@ -68,6 +68,24 @@ def test_paper_profile_keeps_the_papers_settings(params):
     assert ("cifar100", "ebjdat_sadajem") in prof.runs and ("svhn", "standard") not in prof.runs
 
 
+def test_histogram_attacks_per_profile(params):
+    """WEAT Fig.2's per-attack energies: full AutoAttack settings in paper/mini, reduced and tiny in smoke."""
+    from robust_ebm.config import WEAT_FIG2_ATTACKS
+    from robust_ebm.histogram_attacks import NAMES, STANDARD
+
+    paper, mini, smoke = (params.profile_config(p) for p in ("paper", "mini", "smoke"))
+    for prof in (paper, mini):
+        h = prof.evaluation.histogram_attacks
+        assert h.attacks == list(NAMES) and h.eps == pytest.approx(8 / 255) and h.step == pytest.approx(2 / 255)
+        assert {k: getattr(h, k) for k in STANDARD} == STANDARD and h.apgd_restarts == 1
+        assert prof.figures.histograms.attacks[:8] == list(WEAT_FIG2_ATTACKS)
+    assert 0 < mini.evaluation.histogram_attacks.n_examples <= paper.evaluation.histogram_attacks.n_examples
+    h = smoke.evaluation.histogram_attacks
+    assert h.attacks == list(NAMES) and h.n_examples <= 16
+    assert h.apgd_iters <= 10 and h.fab_iters <= 10 and h.square_queries <= 100 and h.pgd_steps <= 2
+    assert set(smoke.figures.histograms.attacks) - {"pgd"} <= set(NAMES)
+
+
 def test_generator_method_lists_are_expanded(params):
     prof = params.profile_config("paper")
     gens = prof.generation.generators
@@ -102,6 +120,15 @@ def test_negative_steps(raw):
 def test_bad_literal_lists_allowed_values(raw):
     msg = invalid(raw, lambda d: d["methods"]["trades"]["optim"].update(name="rmsprop"))
     assert "methods.trades.optim.name" in msg and "'sgd'" in msg and "'sam'" in msg
+
+
+def test_unknown_histogram_attack_names_the_valid_ones(raw):
+    msg = invalid(raw, lambda d: d["evaluation"]["histogram_attacks"].update(attacks=["apgd_ce", "autoattack"]))
+    assert "evaluation.histogram_attacks.attacks" in msg and "unknown attack(s) ['autoattack']" in msg
+    assert "valid names: pgd_kl, apgd_ce, apgd_t, apgd_dlr, fab_t, square, cw_linf" in msg
+    msg = invalid(raw, lambda d: d["profiles"]["smoke"]["overrides"]["evaluation"]["histogram_attacks"].update(
+        attacks=["fab"], apgd_iters=0))
+    assert "profile 'smoke'" in msg and "unknown attack(s) ['fab']" in msg and "histogram_attacks.apgd_iters" in msg
 
 
 def test_unknown_method_in_profile(raw):

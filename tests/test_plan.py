@@ -119,6 +119,10 @@ def test_rerun_digests_change_only_for_the_stages_that_read_a_setting():
     assert [s for s in base if base[s] != lr[s]] == ["train"]
     evaluation = digests(lambda r: r["evaluation"]["pgd"].update(step="1/255"))
     assert [s for s in base if base[s] != evaluation[s]] == ["evaluate"]
+    histograms = digests(lambda r: r["evaluation"]["histogram_attacks"].update(seed=1))  # WEAT Fig.2 energies
+    assert [s for s in base if base[s] != histograms[s]] == ["evaluate"]
+    panels = digests(lambda r: r["profiles"]["smoke"]["overrides"]["figures"]["histograms"].update(attacks=["pgd"]))
+    assert [s for s in base if base[s] != panels[s]] == ["figures"]
 
 
 def test_a_dataset_only_setting_reruns_only_that_data_sets_train_jobs():
@@ -155,3 +159,9 @@ def test_dvc_lists_dataset_methods_wherever_it_lists_the_method(params):
         if f"methods.{job.wildcards.get('method')}" in job.params_keys:
             assert "dataset_methods" in job.params_keys, job.name
     assert "dataset_methods" in yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC fails on a missing key
+
+
+def test_evaluate_reruns_when_its_attack_code_changes(params):
+    job = Plan(params, "smoke").job("evaluate", profile="smoke", dataset="digits", method="trades", seed=0)
+    for module in ("evaluate", "attacks", "autoattack", "histogram_attacks"):
+        assert f"src/robust_ebm/{module}.py" in job.inputs

@@ -55,6 +55,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .attacks import AttackConfig
+from .histogram_attacks import NAMES as HISTOGRAM_ATTACK_NAMES, HistogramAttacksConfig
 from .models import ModelConfig
 from .sampling import NOISY_DATA_STD, SamplerConfig
 from .schema_types import Fraction, Strict
@@ -257,6 +258,8 @@ class EvaluationConfig(Strict):
     ebjdat_scale: AttackConfig
     autoattack: AutoAttackConfig = Field(default_factory=AutoAttackConfig)
     eot: EOTConfig = Field(default_factory=EOTConfig)
+    histogram_attacks: HistogramAttacksConfig | None = Field(
+        None, description="per-attack energies for WEAT Fig.2 (diagnostic, not a headline number); null: off")
 
 
 class GeneratorSpec(Strict):
@@ -335,10 +338,18 @@ class LandscapeConfig(Strict):
     n_images: int = Field(4, ge=1)
 
 
+# WEAT Fig.2's panels in its order: PGD (evaluate's pgd column), then evaluation.histogram_attacks
+WEAT_FIG2_ATTACKS = ("pgd", *HISTOGRAM_ATTACK_NAMES)
+
+
 class HistogramsConfig(Strict):
+    """Energy histograms: `attacks` are columns of the evaluate stage's energies (evaluate's columns or
+    evaluation.histogram_attacks names); each one present gets a column of panels, the first one also
+    goes into the clean-vs-adversarial-vs-generated figure."""
+
     bins: int = Field(200, ge=1)
     range: tuple[float, float] = (-40.0, 20.0)
-    attacks: list[str] = Field(default_factory=lambda: ["pgd"], min_length=1)
+    attacks: list[str] = Field(default_factory=lambda: list(WEAT_FIG2_ATTACKS), min_length=1)
 
     @field_validator("range")
     @classmethod

@@ -78,10 +78,11 @@ OUTPUTS = {
 CODE = {
     "data": ("src/robust_ebm/data.py",),
     "train": ("src/robust_ebm/train.py", "src/robust_ebm/methods"),
-    "evaluate": ("src/robust_ebm/evaluate.py", "src/robust_ebm/attacks.py"),
+    "evaluate": ("src/robust_ebm/evaluate.py", "src/robust_ebm/attacks.py", "src/robust_ebm/autoattack.py",
+                 "src/robust_ebm/histogram_attacks.py"),
     "generate": ("src/robust_ebm/generate.py", "src/robust_ebm/sampling.py"),
     "metrics": ("src/robust_ebm/metrics",),
-    "figures": ("src/robust_ebm/figures.py",),
+    "figures": ("src/robust_ebm/figures.py", "src/robust_ebm/histogram_attacks.py"),
     "tables": ("src/robust_ebm/tables.py",),
 }
 # The robust-ebm command line of each stage (architecture.md "Stage command line").
