@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_ebm.attacks import AttackConfig, fgsm, model_mode, objective_value, perturb
+from robust_ebm.attacks import AttackConfig, cw_margin, describe, fgsm, model_mode, objective_value, perturb
 from robust_ebm.models import ModelConfig, build_model
 
-OBJECTIVES = ["ce", "joint_energy", "marginal_energy", "kl", "mart"]
+OBJECTIVES = ["ce", "joint_energy", "marginal_energy", "kl", "mart", "cw_margin"]
 
 
 def tiny_net(seed=0, classes=5):
@@ -49,6 +49,8 @@ def test_objectives_match_their_definitions():
     p = logits.softmax(1)
     p_wrong = p.scatter(1, y.view(-1, 1), 0.0).max(1).values
     torch.testing.assert_close(objective_value("mart", logits, y), ce - torch.log(1.0001 - p_wrong))
+    z_wrong = logits.scatter(1, y.view(-1, 1), float("-inf")).max(1).values
+    torch.testing.assert_close(objective_value("cw_margin", logits, y), z_wrong - logits[torch.arange(7), y])
 
 
 # ---------------------------------------------------------------- the threat model
@@ -125,6 +127,64 @@ def test_linf_pgd_reaches_the_analytic_optimum_of_a_linear_model(start):
     torch.testing.assert_close(perturb(model, x, y, cfg_e, generator=gen()), expected_e, atol=1e-6, rtol=0)
     # FGSM is the one-step version and already optimal here
     torch.testing.assert_close(fgsm(model, x, y, eps), expected, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- CW-L∞: PGD on the Carlini-Wagner margin
+
+def test_cw_margin_value_and_gradient_match_the_formula_on_a_tiny_model():
+    """m(x,y) = max_{j≠y} f_j(x) - f_y(x); ∇_x m = ∇f_ĵ - ∇f_y with ĵ the best wrong class."""
+    model = tiny_net(classes=5).eval()
+    x, y = batch()
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    value = cw_margin(logits, y)
+    (grad,) = torch.autograd.grad(value.sum(), x, retain_graph=True)
+    with torch.no_grad():
+        masked = logits.scatter(1, y.view(-1, 1), float("-inf"))
+    best_wrong = masked.argmax(1)
+    torch.testing.assert_close(value, masked.max(1).values - logits[torch.arange(len(y)), y])
+    assert ((value > 0) == (logits.argmax(1) != y)).all()  # positive exactly when misclassified
+    for i in range(len(y)):  # per-sample formula, one logit at a time (eval mode: samples are independent)
+        (g_wrong,) = torch.autograd.grad(logits[i, best_wrong[i]], x, retain_graph=True)
+        (g_true,) = torch.autograd.grad(logits[i, y[i]], x, retain_graph=True)
+        torch.testing.assert_close(grad[i], (g_wrong - g_true)[i])
+
+
+def test_cw_pgd_on_two_classes_reaches_the_analytic_optimum():
+    """With two classes the CW margin is (w_wrong - w_y)·x + const: same optimum as CE."""
+    model = binary_linear()
+    x, _ = batch()
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    w = model[1].weight.detach()
+    expected = (x + 8 / 255 * (w[1 - y] - w[y]).view_as(x).sign()).clamp(0, 1)
+    cfg = AttackConfig(eps=8 / 255, step=2 / 255, steps=8, random_start="uniform", objective="cw_margin")
+    torch.testing.assert_close(perturb(model, x, y, cfg, generator=gen()), expected, atol=1e-6, rtol=0)
+    assert "PGD-8 on cw_margin" in describe(cfg)
+
+
+@pytest.mark.parametrize("classes", [10, 5])
+def test_cw_attack_never_increases_accuracy(classes):
+    """Linear f: a signed step along ∇f_ĵ - ∇f_y (clipped per pixel) never lowers the margin, so a
+    misclassified point stays misclassified and no point gets better; the tiny CNN must agree."""
+    torch.manual_seed(0)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(64, classes)).eval()
+    x, _ = batch(n=32, classes=classes)
+    shift = torch.randint(1, classes, (16,), generator=gen(5))
+    cfg = AttackConfig(eps=0.1, step=0.025, steps=10, random_start="none", objective="cw_margin")
+    for model in (linear, tiny_net(classes=classes).eval()):
+        with torch.no_grad():
+            clean = model(x)
+        y = clean.argmax(1)
+        y[16:] = (y[16:] + shift) % classes  # half the points misclassified
+        x_adv = perturb(model, x, y, cfg)
+        with torch.no_grad():
+            adv = model(x_adv)
+        correct_clean, correct_adv = clean.argmax(1) == y, adv.argmax(1) == y
+        assert not (correct_adv & ~correct_clean).any()
+        assert correct_adv.float().mean() <= correct_clean.float().mean()
+        if model is linear:
+            assert (cw_margin(adv, y) >= cw_margin(clean, y) - 1e-6).all()
+            assert 0 < correct_clean.float().mean() and correct_adv.float().mean() < correct_clean.float().mean()
 
 
 def test_l2_pgd_on_a_linear_model_moves_along_the_weight_difference():

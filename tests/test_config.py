@@ -68,6 +68,24 @@ def test_paper_profile_keeps_the_papers_settings(params):
     assert ("cifar100", "ebjdat_sadajem") in prof.runs and ("svhn", "standard") not in prof.runs
 
 
+def test_histogram_attacks_per_profile(params):
+    """WEAT Fig.2's per-attack energies: full AutoAttack settings in paper/mini, reduced and tiny in smoke."""
+    from robust_ebm.config import WEAT_FIG2_ATTACKS
+    from robust_ebm.histogram_attacks import NAMES, STANDARD
+
+    paper, mini, smoke = (params.profile_config(p) for p in ("paper", "mini", "smoke"))
+    for prof in (paper, mini):
+        h = prof.evaluation.histogram_attacks
+        assert h.attacks == list(NAMES) and h.eps == pytest.approx(8 / 255) and h.step == pytest.approx(2 / 255)
+        assert {k: getattr(h, k) for k in STANDARD} == STANDARD and h.apgd_restarts == 1
+        assert prof.figures.histograms.attacks[:8] == list(WEAT_FIG2_ATTACKS)
+    assert 0 < mini.evaluation.histogram_attacks.n_examples <= paper.evaluation.histogram_attacks.n_examples
+    h = smoke.evaluation.histogram_attacks
+    assert h.attacks == list(NAMES) and h.n_examples <= 16
+    assert h.apgd_iters <= 10 and h.fab_iters <= 10 and h.square_queries <= 100 and h.pgd_steps <= 2
+    assert set(smoke.figures.histograms.attacks) - {"pgd"} <= set(NAMES)
+
+
 def test_generator_method_lists_are_expanded(params):
     prof = params.profile_config("paper")
     gens = prof.generation.generators
@@ -102,6 +120,15 @@ def test_negative_steps(raw):
 def test_bad_literal_lists_allowed_values(raw):
     msg = invalid(raw, lambda d: d["methods"]["trades"]["optim"].update(name="rmsprop"))
     assert "methods.trades.optim.name" in msg and "'sgd'" in msg and "'sam'" in msg
+
+
+def test_unknown_histogram_attack_names_the_valid_ones(raw):
+    msg = invalid(raw, lambda d: d["evaluation"]["histogram_attacks"].update(attacks=["apgd_ce", "autoattack"]))
+    assert "evaluation.histogram_attacks.attacks" in msg and "unknown attack(s) ['autoattack']" in msg
+    assert "valid names: pgd_kl, apgd_ce, apgd_t, apgd_dlr, fab_t, square, cw_linf" in msg
+    msg = invalid(raw, lambda d: d["profiles"]["smoke"]["overrides"]["evaluation"]["histogram_attacks"].update(
+        attacks=["fab"], apgd_iters=0))
+    assert "profile 'smoke'" in msg and "unknown attack(s) ['fab']" in msg and "histogram_attacks.apgd_iters" in msg
 
 
 def test_unknown_method_in_profile(raw):
@@ -203,3 +230,87 @@ def test_unknown_names_at_resolution(params):
 def test_selection_window_must_fit_the_schedule(raw):
     msg = invalid(raw, lambda d: d["methods"]["weat_adv"]["schedule"].update(epochs=50))
     assert "methods.weat_adv" in msg and "select.from_epoch=90" in msg
+
+
+# ---------------------------------------------------------------- per-dataset method settings
+
+
+def test_paper_profile_gives_weat_its_svhn_learning_rate(params):
+    prof = params.profile_config("paper")
+    for method in ("weat_nat", "weat_adv"):
+        on_svhn, on_cifar = prof.run("svhn", method, 0).method, prof.run("cifar10", method, 0).method
+        assert on_svhn.optim.lr == 0.01 and on_cifar.optim.lr == 0.1 == prof.methods[method].optim.lr
+        assert on_svhn.model_copy(update={"optim": on_cifar.optim}) == on_cifar  # nothing else differs
+    assert prof.run("svhn", "trades", 0).method == prof.methods["trades"]       # other methods untouched
+
+
+def test_dataset_method_merge_order(raw):
+    """methods.M < profile "*" < profile M < dataset "*" < dataset M; a profile's dataset_methods on top."""
+    data = copy.deepcopy(raw)
+    data["dataset_methods"] = {"digits": {
+        "*": {"optim": {"lr": 0.3, "momentum": 0.5}, "schedule": {"epochs": 7}, "select": {"from_epoch": 0},
+              "sampler": {"steps": 9}},
+        "jem": {"optim": {"lr": 0.4}},
+    }}
+    data["profiles"]["t"] = {"seeds": [0], "runs": {"digits": ["standard", "jem"], "svhn": ["jem"]}, "overrides": {
+        "methods": {"*": {"optim": {"lr": 0.1, "weight_decay": 0.01}}, "jem": {"optim": {"lr": 0.2, "nesterov": True}}},
+        "dataset_methods": {"digits": {"*": {"schedule": {"epochs": 5}}, "standard": {"optim": {"momentum": 0.6}}}},
+    }}
+    prof = params_from_dict(data).profile_config("t")
+    std, jem = prof.method("digits", "standard"), prof.method("digits", "jem")
+    assert (std.optim.lr, jem.optim.lr) == (0.3, 0.4)                  # dataset "*" < dataset M, both beat the profile
+    assert std.optim.weight_decay == jem.optim.weight_decay == 0.01    # profile "*" where no data-set setting
+    assert jem.optim.nesterov is True and jem.optim.momentum == 0.5    # profile M, then dataset "*" (deep merge)
+    assert std.optim.momentum == 0.6                                   # the profile's dataset_methods on top
+    assert std.schedule.epochs == jem.schedule.epochs == 5             # ...also for the data set's "*"
+    assert std.sampler is None and jem.sampler.steps == 9              # a data set's "*" never creates a section
+    other = prof.method("svhn", "jem")                                 # other data sets: the profile's methods
+    assert other == prof.methods["jem"] and (other.optim.lr, other.schedule.epochs) == (0.2, 200)
+    assert prof.run("digits", "jem", 0).method == jem and prof.run("svhn", "jem", 0).method == other
+
+
+def test_dataset_methods_unknown_keys_name_the_valid_ones(raw):
+    msg = invalid(raw, lambda d: d.update(dataset_methods={"mnist": {"jem": {}}}))
+    assert "dataset_methods.mnist" in msg and "unknown dataset 'mnist'" in msg and "'svhn'" in msg
+    msg = invalid(raw, lambda d: d.update(dataset_methods={"svhn": {"weat": {}}}))
+    assert "dataset_methods.svhn.weat" in msg and "'weat_adv'" in msg and "'*'" in msg
+    msg = invalid(raw, lambda d: d["profiles"]["paper"]["overrides"]["dataset_methods"]["svhn"].update(nope={}))
+    assert "profile 'paper'" in msg and "dataset_methods.svhn.nope" in msg and "'weat_nat'" in msg
+
+
+def test_dataset_methods_values_are_validated_per_pair(raw):
+    msg = invalid(raw, lambda d: d.update(dataset_methods={"svhn": {"weat_adv": {"optim": {"lr": -1}}}}))
+    assert msg.startswith("params is invalid") and "dataset_methods.svhn.weat_adv.optim.lr" in msg
+    msg = invalid(raw, lambda d: d.update(dataset_methods={"svhn": {"trades": {"optim": {"lr_typo": 1}}}}))
+    assert "dataset_methods.svhn.trades.optim.lr_typo" in msg and "'momentum'" in msg
+    msg = invalid(raw, lambda d: d.update(dataset_methods={"svhn": {"trades": {"model": "wrn99"}}}))
+    assert "dataset_methods.svhn.trades.model" in msg and "'resnet18'" in msg
+    msg = invalid(raw, lambda d: d["profiles"]["paper"]["overrides"]["dataset_methods"]["svhn"].update(
+        weat_adv={"schedule": {"epochs": 50}}))
+    assert "profile 'paper'" in msg and "dataset_methods.svhn.weat_adv" in msg and "select.from_epoch=90" in msg
+
+
+def test_run_names_unknown_datasets(params):
+    prof = params.profile_config("paper")
+    with pytest.raises(ConfigError, match=r"unknown dataset 'mnist'.*'svhn'"):
+        prof.run("mnist", "weat_adv", 0)
+    with pytest.raises(ConfigError, match=r"unknown method 'weat'.*'weat_adv'"):
+        prof.method("svhn", "weat")
+
+
+# ---------------------------------------------------------------- generators
+
+
+def test_noisy_data_generator_init(raw):
+    data = copy.deepcopy(raw)
+    data["generation"]["generators"]["weat_noise"] = {"kind": "sgld", "init": "noisy_data", "sampler": {"energy": "joint"}}
+    spec = params_from_dict(data).profile_config("paper").generation.generators["weat_noise"]
+    assert spec.noise_std == pytest.approx(50 * 8 / 255)                # WEAT's default (papers.md §3.5)
+    data["generation"]["generators"]["weat_noise"]["noise_std"] = "16/255"
+    assert params_from_dict(data).generation.generators["weat_noise"].noise_std == pytest.approx(16 / 255)
+    msg = invalid(data, lambda d: d["generation"]["generators"]["weat_noise"].update(noise_std=-0.1))
+    assert "generation.generators.weat_noise.noise_std" in msg
+    msg = invalid(raw, lambda d: d["generation"]["generators"]["weat_momentum"].update(noise_std=0.1))
+    assert "generation.generators.weat_momentum.noise_std" in msg and "only read by init 'noisy_data'" in msg
+    msg = invalid(raw, lambda d: d["generation"]["generators"]["weat_momentum"].update(init="noisy"))
+    assert "generation.generators.weat_momentum.init" in msg and "'noisy_data'" in msg

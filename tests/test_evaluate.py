@@ -15,6 +15,7 @@ from robust_ebm.config import EvaluationConfig, load_params
 from robust_ebm.data import Splits, TensorSplit
 from robust_ebm.evaluate import DETERMINISTIC, ENTRY_KEYS, ExpectedLogSoftmax, evaluate_stage
 from robust_ebm.models import ModelConfig, build_model
+from helpers import tiny_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS = 8 / 255
@@ -37,9 +38,9 @@ class Linear(nn.Module):
 
 
 def _evaluation(**update):
-    """params.yaml's evaluation section with nested overrides."""
+    """params.yaml's evaluation section with nested overrides (histogram attacks off unless given)."""
     base = load_params(ROOT / "params.yaml").evaluation.model_dump()
-    for key, value in {"batch_size": 32, **update}.items():
+    for key, value in {"batch_size": 32, "histogram_attacks": None, **update}.items():
         base[key] = {**base[key], **value} if isinstance(value, dict) else value
     return EvaluationConfig.model_validate(base)
 
@@ -196,6 +197,67 @@ def test_user_state_dict_checkpoint_evaluates(tmp_path, monkeypatch):
     result = evaluate_stage(_run(evaluation, model=cfg, dataset=dataset), tmp_path, tmp_path / "theirs.pt",
                             tmp_path / "e.json")
     assert result["columns"]["clean"]["accuracy"] == 1.0 and result["columns"]["clean"]["n"] == 12
+
+
+HIST_NAMES = ("pgd_kl", "apgd_ce", "apgd_t", "apgd_dlr", "fab_t", "square", "cw_linf")
+CHEAP_HIST = {"n_examples": 12, "attacks": list(HIST_NAMES), "eps": 0.3, "step": 0.075, "pgd_steps": 5,
+              "apgd_iters": 10, "fab_iters": 10, "square_queries": 100}
+
+
+def _tiny_case(monkeypatch, classes):
+    """A tiny random CNN on 16 1x8x8 test images; three of them mislabelled."""
+    model = tiny_classifier(classes=classes).requires_grad_(False)
+    x_u8 = torch.randint(0, 256, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        y = model(x_u8.float() / 255).argmax(1)
+    y[:3] = (y[:3] + 1) % classes
+    monkeypatch.setattr(ev_mod, "load_prepared", lambda d: (_splits(x_u8, y), None))
+    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {}))
+    monkeypatch.setattr(ev_mod, "run_autoattack", _fake_autoattack)
+    return model, x_u8.float() / 255, y
+
+
+def test_histogram_attacks_write_energies_and_diagnostic_entries(tmp_path, monkeypatch):
+    model, x, y = _tiny_case(monkeypatch, classes=10)
+    evaluation = _evaluation(pgd={"steps": 2}, energy_attack={"steps": 2}, ebjdat_scale={"steps": 2},
+                             histogram_attacks=CHEAP_HIST)
+    result = evaluate_stage(_run(evaluation), tmp_path, _model_file(tmp_path), tmp_path / "e.json")
+    saved, stored = np.load(tmp_path / "e.energies.npz"), json.loads((tmp_path / "e.json").read_text())
+    assert set(stored["histogram_attacks"]) == set(HIST_NAMES) and not set(HIST_NAMES) & set(stored["columns"])
+    clean_correct = saved["clean_correct"][:12]
+    broken = 0
+    for name in HIST_NAMES:
+        entry = stored["histogram_attacks"][name]
+        assert set(ENTRY_KEYS) <= set(entry), name
+        assert entry["status"] == "diagnostic" and "not the headline" in entry["protocol"], name
+        assert "REDUCED" in entry["protocol"] and entry["n"] == 12 and entry["eps_pixel"] == pytest.approx(0.3)
+        for kind in ("marginal", "joint", "correct"):
+            assert saved[f"{name}_{kind}"].shape == (12,), (name, kind)
+        correct = saved[f"{name}_correct"]
+        assert entry["accuracy"] == pytest.approx(correct.mean())
+        assert entry["clean_accuracy"] == pytest.approx(clean_correct.mean()) == pytest.approx(9 / 12)
+        assert not (correct & ~clean_correct).any() and entry["accuracy"] <= entry["clean_accuracy"]
+        assert entry["max_perturbation_linf"] <= 0.3 + 1e-5 and 0 <= entry["fraction_perturbed"] <= 1
+        broken += int((clean_correct & ~correct).sum())
+        # unattacked (misclassified) points keep exactly their clean energies
+        np.testing.assert_allclose(saved[f"{name}_joint"][~clean_correct], saved["clean_joint"][:12][~clean_correct])
+    assert broken > 0, "the case must let at least one attack break a point"
+    assert "PGD on the Carlini-Wagner margin" in stored["histogram_attacks"]["cw_linf"]["protocol"]
+    assert result["histogram_attacks"]["apgd_t"]["objective"] == "dlr-targeted"
+
+
+def test_histogram_attacks_skip_what_the_model_cannot_run_and_stay_off_by_default(tmp_path, monkeypatch):
+    _tiny_case(monkeypatch, classes=3)
+    evaluation = _evaluation(pgd={"steps": 1}, energy_attack={"steps": 1}, ebjdat_scale={"steps": 1},
+                             histogram_attacks={**CHEAP_HIST, "attacks": ["apgd_t", "apgd_dlr"]})
+    result = evaluate_stage(_run(evaluation), tmp_path, _model_file(tmp_path), tmp_path / "e.json")
+    entries, saved = result["histogram_attacks"], np.load(tmp_path / "e.energies.npz")
+    assert entries["apgd_t"]["status"].startswith("skipped: ") and "4 classes" in entries["apgd_t"]["status"]
+    assert entries["apgd_t"]["accuracy"] is None and "apgd_t_joint" not in saved
+    assert entries["apgd_dlr"]["status"] == "diagnostic" and "apgd_dlr_joint" in saved
+    off = _evaluation(pgd={"steps": 1}, energy_attack={"steps": 1}, ebjdat_scale={"steps": 1})
+    assert off.histogram_attacks is None
+    assert "histogram_attacks" not in evaluate_stage(_run(off), tmp_path, _model_file(tmp_path), tmp_path / "f.json")
 
 
 @pytest.mark.slow

@@ -62,6 +62,34 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
     assert paths[0].read_bytes()[:4] == b"\x89PNG" and paths[1].read_bytes()[:4] == b"%PDF"
 
 
+WEAT_FIG2 = ["pgd", "pgd_kl", "apgd_ce", "apgd_t", "apgd_dlr", "fab_t", "square", "cw_linf"]
+
+
+def _sets(rng, attacks, n_clean=40, n_adv=10):
+    sets = {"clean": {"E_x": rng.normal(-5, 1, n_clean), "E_xy": rng.normal(-3, 1, n_clean)}}
+    sets.update({a: {"E_x": rng.normal(-6, 1, n_adv), "E_xy": rng.normal(2, 1, n_adv)} for a in attacks})
+    return sets
+
+
+def test_attack_histograms_have_one_panel_column_per_attack_and_rows_E_x_E_xy(tmp_path):
+    sets = _sets(np.random.default_rng(0), WEAT_FIG2)
+    fig = figures.plot_attack_histograms(sets, WEAT_FIG2, bins=20, range_=(-40, 20), title="t")
+    assert len(fig.axes) == 2 * len(WEAT_FIG2)
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, len(WEAT_FIG2))}
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[0].startswith("E(x), PGD-20") and titles[len(WEAT_FIG2)].startswith("E(x, y), PGD-20")
+    assert any("APGD-T" in t for t in titles) and any("CW-Linf" in t for t in titles)
+    paths = figures.save_figure(fig, tmp_path, "weat_fig2")
+    assert [p.read_bytes()[:4] for p in paths] == [b"\x89PNG", b"%PDF"]
+    # each attack ran on the first n images: its clean histogram uses those same n
+    panels = figures.attack_histogram_panels(sets, ["apgd_t"])
+    clean = panels["E(x), APGD-T"][1]["clean"]
+    assert len(clean) == 10 and np.array_equal(clean, sets["clean"]["E_x"][:10])
+    without_square = {k: v for k, v in sets.items() if k != "square"}
+    with pytest.raises(ValueError, match="no energies for \\['square'\\]"):
+        figures.plot_attack_histograms(without_square, ["square"], bins=5, range_=(-1, 1), title="t")
+
+
 @pytest.fixture
 def results(tmp_path, monkeypatch):
     """A one-data-set, two-method profile's stage outputs."""
@@ -127,3 +155,30 @@ def test_figures_stage_skips_what_is_missing(results, tmp_path):
     assert not any(n.startswith("energy_hist") for n in names) and "clean_vs_autoattack_digits" in names
     with pytest.raises(FileNotFoundError, match="no results folder"):
         figures.figures_stage(profile, tmp_path / "nowhere", tmp_path / "f")
+
+
+def test_figures_stage_draws_a_column_for_each_listed_attack_present(results, tmp_path, monkeypatch):
+    """Default figures.histograms.attacks = WEAT Fig.2's set: a run with per-attack energies gets one column
+    per attack present; a run with only the old columns keeps its single PGD column."""
+    profile, r = results
+    npz = r / "eval" / "digits" / "standard" / "s0.energies.npz"
+    with np.load(npz) as f:
+        data = dict(f)
+    rng = np.random.default_rng(1)
+    for name in ("apgd_t", "cw_linf"):  # on the first 4 of the 6 evaluated images
+        data |= {f"{name}_marginal": rng.normal(-7, 1, 4), f"{name}_joint": rng.normal(3, 1, 4),
+                 f"{name}_correct": np.zeros(4, dtype=bool)}
+    np.savez(npz, **data)
+    drawn, real = {}, figures.plot_attack_histograms
+
+    def spy(sets, attacks, **kw):
+        fig = real(sets, attacks, **kw)
+        drawn[kw["title"].split(": ")[1].split(",")[0]] = (attacks, len(fig.axes))
+        return fig
+
+    monkeypatch.setattr(figures, "plot_attack_histograms", spy)
+    for other in ("_landscapes", "_samples", "_scatter"):  # not under test here: keep it fast
+        monkeypatch.setattr(figures, other, lambda *a, **k: None)
+    profile.figures = profile.figures.model_copy(update={"formats": ["png"]})
+    figures.figures_stage(profile, r, tmp_path / "figs")
+    assert drawn == {"standard": (["pgd", "apgd_t", "cw_linf"], 6), "jeat": (["pgd"], 2)}

@@ -10,10 +10,10 @@ import torch
 
 import robust_ebm.generate as gen_mod
 from robust_ebm.attacks import AttackConfig
-from robust_ebm.config import GenerationConfig
+from robust_ebm.config import GenerationConfig, GeneratorSpec
 from robust_ebm.data import Splits, TensorSplit, class_stats
 from robust_ebm.energy import joint_energy
-from robust_ebm.generate import class_labels, generate_stage, langevin_samples, targeted_pgd_samples
+from robust_ebm.generate import class_labels, generate_stage, init_inputs, langevin_samples, targeted_pgd_samples
 from robust_ebm.models import ModelConfig, build_model, save_classifier
 from robust_ebm.runtime import atomic_torch_save
 from robust_ebm.sampling import SamplerConfig, initialise
@@ -82,6 +82,29 @@ def test_targeted_pgd_raises_the_target_probability(trained):
                              shape=SHAPE, stats=stats)
 
 
+def test_init_inputs_route_each_init_to_its_split():
+    train = TensorSplit(torch.zeros((6, *SHAPE), dtype=torch.uint8), torch.arange(6) % K)
+    test = TensorSplit(torch.full((3, *SHAPE), 255, dtype=torch.uint8), torch.arange(3))
+    splits, sampler = Splits(train, train, test, ["a", "b", "c"]), {"energy": "joint"}
+    noisy = init_inputs(GeneratorSpec(kind="sgld", init="noisy_data", sampler=sampler), splits, "stats")
+    assert noisy["data"] is test.images and noisy["data_labels"] is test.labels  # WEAT starts from test images
+    assert noisy["noise_std"] == pytest.approx(50 * 8 / 255) and noisy["stats"] == "stats"
+    assert init_inputs(GeneratorSpec(kind="sgld", init="data", sampler=sampler), splits, None)["data"] is train.images
+    assert "data" not in init_inputs(GeneratorSpec(kind="sgld", init="pca", sampler=sampler), splits, None)
+
+
+def test_noisy_data_generation_keeps_the_class_of_its_test_images(trained):
+    """With no Langevin step the samples are the noisy starts: close to test images of their own class."""
+    model, _, x, y, _ = trained
+    labels = class_labels(K, 30)
+    sampler = SamplerConfig(energy="joint", steps=0)
+    out, ys = langevin_samples(model, labels, sampler, "noisy_data", shape=SHAPE, batch_size=20, data=x, data_labels=y,
+                               noise_std=0.01, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ys, labels) and out.shape == (len(labels), *SHAPE) and 0 <= out.min() and out.max() <= 1
+    nearest = torch.cdist(out.flatten(1), x.flatten(1)).argmin(1)
+    assert torch.equal(y[nearest], labels)
+
+
 GENERATORS = {
     "jeat_eq17": {"kind": "sgld", "init": "gaussian",
                   "sampler": {"energy": "joint", "steps": 3, "step_size": 0.01, "coupled": True}},
@@ -90,6 +113,8 @@ GENERATORS = {
     "weat_momentum": {"kind": "sgld", "init": "pca", "pca_fraction": 0.9,
                       "sampler": {"energy": "joint", "steps": 3, "step_size": 0.5, "noise_std": 0.0014,
                                   "momentum": 0.5, "update_clip": 1.0}},
+    "weat_noisy": {"kind": "sgld", "init": "noisy_data", "noise_std": "8/255",
+                   "sampler": {"energy": "joint", "steps": 3, "step_size": 0.5, "noise_std": 0.0014, "momentum": 0.5}},
     "jem_uncond": {"kind": "sgld", "init": "uniform", "sampler": {"energy": "marginal", "steps": 3}},
     "santurkar_l2": {"kind": "targeted_pgd", "init": "gaussian",
                      "attack": {"norm": "l2", "eps": 2.0, "step": 0.5, "steps": 3, "random_start": "none",
@@ -129,7 +154,9 @@ def test_each_generator_writes_images_in_range_with_labels_and_count(stage):
         assert (out / f"{name}_grid.png").stat().st_size > 0
     np.testing.assert_array_equal(np.load(out / "jem_buffer.npz")["images"],
                                   (buffer_images * 255).round().to(torch.uint8).numpy())
-    assert json.loads((out / "generate.json").read_text())["generators"]["jeat_eq17"]["sampler"]["coupled"] is True
+    records = json.loads((out / "generate.json").read_text())["generators"]
+    assert records["jeat_eq17"]["sampler"]["coupled"] is True
+    assert records["weat_noisy"]["noise_std"] == pytest.approx(8 / 255) and records["jeat_eq17"]["noise_std"] is None
 
 
 def test_generate_stage_is_atomic_and_skips_finished_generators(stage, monkeypatch):

@@ -119,3 +119,49 @@ def test_rerun_digests_change_only_for_the_stages_that_read_a_setting():
     assert [s for s in base if base[s] != lr[s]] == ["train"]
     evaluation = digests(lambda r: r["evaluation"]["pgd"].update(step="1/255"))
     assert [s for s in base if base[s] != evaluation[s]] == ["evaluate"]
+    histograms = digests(lambda r: r["evaluation"]["histogram_attacks"].update(seed=1))  # WEAT Fig.2 energies
+    assert [s for s in base if base[s] != histograms[s]] == ["evaluate"]
+    panels = digests(lambda r: r["profiles"]["smoke"]["overrides"]["figures"]["histograms"].update(attacks=["pgd"]))
+    assert [s for s in base if base[s] != panels[s]] == ["figures"]
+
+
+def test_a_dataset_only_setting_reruns_only_that_data_sets_train_jobs():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    from robust_ebm.config import params_from_dict
+
+    jobs = [("cifar10", "weat_adv"), ("cifar10", "trades"), ("svhn", "weat_adv"), ("svhn", "trades")]
+
+    def digests(mutate):
+        r = yaml.safe_load(yaml.safe_dump(raw))
+        mutate(r)
+        plan = Plan(params_from_dict(r), "paper")
+        out = {(s, d, m): plan.settings(s, dataset=d, method=m, seed="0") for s in ("train", "evaluate", "generate", "metrics")
+               for d, m in jobs}
+        return out | {(s,): plan.settings(s) for s in ("figures", "tables")}
+
+    def changed(mutate):
+        before, after = digests(lambda r: None), digests(mutate)
+        return sorted(k for k in before if before[k] != after[k])
+
+    def svhn(r):
+        return r["profiles"]["paper"]["overrides"]["dataset_methods"]["svhn"]
+
+    assert changed(lambda r: svhn(r)["weat_adv"]["optim"].update(lr=0.02)) == [("train", "svhn", "weat_adv")]
+    assert changed(lambda r: svhn(r).update({"*": {"data": {"augment": "none"}}})) == [
+        ("train", "svhn", "trades"), ("train", "svhn", "weat_adv")]
+    assert changed(lambda r: r["dataset_methods"].update(svhn={"trades": {"model": "preact_resnet18"}})) == [
+        (s, "svhn", "trades") for s in ("evaluate", "generate", "metrics", "train")]  # the architecture is read by all
+
+
+def test_dvc_lists_dataset_methods_wherever_it_lists_the_method(params):
+    plan = Plan(params, "paper")
+    for job in plan.jobs:
+        if f"methods.{job.wildcards.get('method')}" in job.params_keys:
+            assert "dataset_methods" in job.params_keys, job.name
+    assert "dataset_methods" in yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC fails on a missing key
+
+
+def test_evaluate_reruns_when_its_attack_code_changes(params):
+    job = Plan(params, "smoke").job("evaluate", profile="smoke", dataset="digits", method="trades", seed=0)
+    for module in ("evaluate", "attacks", "autoattack", "histogram_attacks"):
+        assert f"src/robust_ebm/{module}.py" in job.inputs

@@ -9,10 +9,12 @@ from torch import nn
 from robust_ebm.data import ClassStats
 from robust_ebm.energy import marginal_energy
 from robust_ebm.sampling import (
+    NOISY_DATA_STD,
     ReplayBuffer,
     SamplerConfig,
     init_gaussian,
     init_gm,
+    init_noisy_data,
     init_pca,
     init_uniform,
     initialise,
@@ -244,6 +246,57 @@ def test_inits_are_images_in_unit_range_and_check_their_inputs():
         initialise("gaussian", 3, shape=(1, 2, 3))
     with pytest.raises(ValueError, match="sampler wants"):
         initialise("gm", 3, shape=(3, 2, 2), stats=stats)
+
+
+def _class_images(per_class=5, k=3, shape=(1, 2, 3), seed=0):
+    """uint8 images whose pixels lie in class k's band [60k + 40, 60k + 80) (classes tell apart), labels."""
+    labels = torch.arange(k).repeat_interleave(per_class)
+    offsets = torch.randint(0, 40, (len(labels), *shape), generator=_gen(seed))
+    return (60 * labels.view(-1, 1, 1, 1) + 40 + offsets).to(torch.uint8), labels
+
+
+def test_init_noisy_data_starts_from_an_image_of_the_wanted_class():
+    images, image_labels = _class_images()
+    wanted = torch.tensor([2, 0, 1, 1, 2, 0, 0])
+    x = initialise("noisy_data", 7, shape=(1, 2, 3), labels=wanted, data=images, data_labels=image_labels,
+                   noise_std=0.0, generator=_gen())
+    assert x.shape == (7, 1, 2, 3) and x.dtype == torch.float32
+    same = ((x * 255).round().to(torch.uint8).unsqueeze(1) == images.unsqueeze(0)).flatten(2).all(2)  # (7, N)
+    assert same.any(1).all()                                                   # each start is a data image...
+    assert torch.equal(image_labels[same.float().argmax(1)], wanted)          # ...of the wanted class
+    again = init_noisy_data(images, image_labels, wanted, 0.0, generator=_gen())
+    assert torch.equal(x, again)                                              # one generator, one draw
+    unlabelled = initialise("noisy_data", 4, shape=(1, 2, 3), data=images, data_labels=image_labels, noise_std=0.0)
+    assert ((unlabelled * 255).round().to(torch.uint8).unsqueeze(1) == images.unsqueeze(0)).flatten(2).all(2).any(1).all()
+
+
+def test_init_noisy_data_default_noise_is_weats_and_is_clamped():
+    images, image_labels = _class_images()
+    x = initialise("noisy_data", 2000, shape=(1, 2, 3), labels=torch.ones(2000, dtype=torch.long),
+                   data=images, data_labels=image_labels, generator=_gen())   # default noise_std
+    assert NOISY_DATA_STD == pytest.approx(50 * 8 / 255)
+    assert x.min() == 0 and x.max() == 1                                      # clamped, and the clamp bites:
+    saturated = ((x == 0) | (x == 1)).float().mean()                           # P(|x + N(0, 1.57^2) - 0.5| > 0.5)
+    assert saturated == pytest.approx(0.74, abs=0.03)                          # for pixels near 0.5
+
+
+def test_init_noisy_data_averages_to_the_image_for_small_noise():
+    image = torch.rand((1, 1, 2, 3), generator=_gen(3)) * 0.6 + 0.2            # away from the clamp
+    images = torch.cat([image, torch.zeros_like(image)])                        # class 1: one image; class 0: black
+    n, std = 4000, 0.05
+    x = init_noisy_data(images, torch.tensor([1, 0]), torch.ones(n, dtype=torch.long), std, generator=_gen())
+    torch.testing.assert_close(x.mean(0), image[0], atol=4 * std / math.sqrt(n), rtol=0)
+    assert x.std(0).mean() == pytest.approx(std, rel=0.05)
+
+
+def test_init_noisy_data_checks_its_inputs():
+    images, image_labels = _class_images()
+    with pytest.raises(ValueError, match="data_labels"):
+        initialise("noisy_data", 3, shape=(1, 2, 3), labels=torch.zeros(3, dtype=torch.long), data=images)
+    with pytest.raises(ValueError, match="no image of class 5"):
+        initialise("noisy_data", 2, shape=(1, 2, 3), labels=torch.tensor([0, 5]), data=images, data_labels=image_labels)
+    with pytest.raises(ValueError, match="Input should be"):   # training samplers never start from test images
+        SamplerConfig(init="noisy_data")
 
 
 # ------------------------------------------------------------------ replay buffer

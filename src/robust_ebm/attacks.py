@@ -12,6 +12,8 @@ Objectives (all built from `robust_ebm.energy`, all ascended):
 - 'marginal_energy' E(x')
 - 'kl'              KL(p(.|x) || p(.|x'))             (TRADES; p(.|x) computed once)
 - 'mart'            CE(x', y) - log(1.0001 - p(ŷ|x')), ŷ = most likely wrong class (MART)
+- 'cw_margin'       max_{j≠y} f(x')[j] - f(x')[y] = E(x',y) - min_{j≠y} E(x',j)   (Carlini-Wagner margin;
+                    L∞ PGD on it is the "CW∞" of Madry/TRADES-style evaluations, see `cw_margin`)
 
 Gradients are taken w.r.t. the input only (`torch.autograd.grad`), so no
 parameter `.grad` is touched. The model runs in `cfg.model_mode` and gets
@@ -41,7 +43,7 @@ class AttackConfig(Strict):
     restarts: int = Field(1, ge=1)
     random_start: Literal["none", "uniform", "normal"] = "uniform"
     start_std: Fraction = Field(0.001, ge=0.0, description="std of the 'normal' start (TRADES: 0.001)")
-    objective: Literal["ce", "joint_energy", "marginal_energy", "kl", "mart"] = "ce"
+    objective: Literal["ce", "joint_energy", "marginal_energy", "kl", "mart", "cw_margin"] = "ce"
     targeted: bool = False
     project: bool = Field(True, description="project to the eps-ball every step (EB-JDAT's code does not)")
     model_mode: Literal["eval", "train"] = "eval"
@@ -55,14 +57,32 @@ class AttackConfig(Strict):
         return self
 
 
+def runner_up(logits: Tensor, y: Tensor) -> Tensor:
+    """ŷ = argmax_{k≠y} f(x)[k]: the most likely wrong class (lowest E(x,k) over k ≠ y)."""
+    return logits.scatter(1, y.view(-1, 1), float("-inf")).argmax(dim=1)
+
+
 def mart_boosted_ce(logits: Tensor, y: Tensor) -> Tensor:
     """MART's adversarial BCE term: CE(x,y) - log(1.0001 - p(ŷ|x)), ŷ = argmax_{k≠y} f(x)[k].
 
     p(ŷ|x) = exp(-CE(x, ŷ)) in energy form.
     """
-    wrong = logits.scatter(1, y.view(-1, 1), float("-inf")).argmax(dim=1)
-    p_wrong = torch.exp(-cross_entropy(logits, wrong))
+    p_wrong = torch.exp(-cross_entropy(logits, runner_up(logits, y)))
     return cross_entropy(logits, y) - torch.log(1.0001 - p_wrong)
+
+
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Carlini-Wagner margin m(x,y) = max_{j≠y} f(x)[j] - f(x)[y] = E(x,y) - E(x,ŷ), ŷ = `runner_up`.
+
+    m > 0 exactly when x is misclassified. Its gradient is ∇f(x)[ŷ] - ∇f(x)[y]
+    (the max picks one class; ties are broken by argmax). L∞ PGD ascending m is
+    the "CW∞" attack of Madry/TRADES/MART-style evaluations (MART's `cwloss`
+    ascends -relu(f[y] - max_{j≠y} f[j] + 50), which has the same gradient until
+    a wrong class leads by 50). It is NOT the optimisation-based Carlini-Wagner
+    L∞ attack (ART's `CarliniLInfMethod`, binary search over the constant c)
+    that WEAT's CW_test.py calls (papers.md §3.4).
+    """
+    return joint_energy(logits, y) - joint_energy(logits, runner_up(logits, y))
 
 
 def objective_value(objective: str, logits_adv: Tensor, y: Tensor, logits_nat: Tensor | None = None,
@@ -86,7 +106,9 @@ def objective_value(objective: str, logits_adv: Tensor, y: Tensor, logits_nat: T
         return kl_divergence(logits_nat, logits_adv)
     if objective == "mart":
         return mart_boosted_ce(logits_adv, y)
-    raise ValueError(f"unknown objective '{objective}'; use ce, joint_energy, marginal_energy, kl or mart")
+    if objective == "cw_margin":
+        return cw_margin(logits_adv, y)
+    raise ValueError(f"unknown objective '{objective}'; use ce, joint_energy, marginal_energy, kl, mart or cw_margin")
 
 
 # ---------------------------------------------------------------- geometry of the ball
@@ -151,8 +173,8 @@ def _check_inputs(x, y, cfg, logits_nat, target):
 
 
 def _success(logits: Tensor, y: Tensor, target: Tensor | None, objective: str) -> Tensor:
-    """Per-sample attack success used to rank restarts (only defined for 'ce')."""
-    if objective != "ce":
+    """Per-sample attack success used to rank restarts (only defined for 'ce' and 'cw_margin')."""
+    if objective not in ("ce", "cw_margin"):
         return torch.zeros_like(y, dtype=torch.bool)
     pred = logits.argmax(dim=1)
     return pred == target if target is not None else pred != y
@@ -213,3 +235,14 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, objective: str =
     cfg = AttackConfig(norm="linf", eps=eps, step=eps, steps=1, random_start=random_start,
                        objective=objective, model_mode=model_mode)
     return perturb(model, x, y, cfg, generator=generator)
+
+
+def describe(cfg: AttackConfig) -> str:
+    """A protocol label computed from the config itself, so it can never disagree with what ran."""
+    start = {"none": "no random start", "uniform": "uniform random start",
+             "normal": f"N(0, {cfg.start_std:g}^2) random start"}[cfg.random_start]
+    return (
+        f"{cfg.norm} PGD-{cfg.steps} on {cfg.objective}, eps {cfg.eps * 255:.4g}/255, "
+        f"step {cfg.step * 255:.4g}/255 pixel units, {start}, {cfg.restarts} restart(s)"
+        f"{'' if cfg.project else ', no projection to the eps-ball'}"
+    )

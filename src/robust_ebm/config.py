@@ -19,8 +19,25 @@ Profile merge order (`ProfileSpec.overrides`, applied to the top-level sections)
      value into a set one (so `"*": {sampler: {steps: 2}}` shortens every
      sampler without giving standard training one);
   3. the override under an entry's own name is deep-merged on top;
-  4. every other section is deep-merged as is.
+  4. every other section, `dataset_methods` included, is deep-merged as is.
 Deep merge: mappings merge key by key; lists, scalars and null replace.
+
+Per-dataset method settings (`dataset_methods: {<dataset>: {<method> | "*": {...}}}`,
+top level and in a profile's overrides). The settings of method M on data set D
+are, lowest priority first:
+  a. methods.M                         (top level)
+  b. overrides.methods."*"             (profile; steps 2-3 above)
+  c. overrides.methods.M               (profile)
+  d. dataset_methods.D."*"             (top level, then the profile's on top; as in
+                                        step 2 it never sets a null/absent optional value)
+  e. dataset_methods.D.M               (top level, then the profile's on top)
+The more specific key wins: a data set's own setting beats any setting of "every
+data set" (a profile's shortening included), and the pair (D, M) beats D alone,
+so `svhn: {"*": {data: {augment: none}}}` holds for every method unless that method's
+own svhn entry says otherwise.
+A profile that must change a data-set setting (e.g. shorten a schedule that
+dataset_methods sets) does so in its own `dataset_methods`.
+`ProfileConfig.method(D, M)` and `ProfileConfig.run(D, M, seed)` return the result.
 """
 
 from __future__ import annotations
@@ -38,8 +55,9 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .attacks import AttackConfig
+from .histogram_attacks import NAMES as HISTOGRAM_ATTACK_NAMES, HistogramAttacksConfig
 from .models import ModelConfig
-from .sampling import SamplerConfig
+from .sampling import NOISY_DATA_STD, SamplerConfig
 from .schema_types import Fraction, Strict
 
 DATA_ROOT_ENV = "ROBUST_EBM_DATA_ROOT"
@@ -240,6 +258,8 @@ class EvaluationConfig(Strict):
     ebjdat_scale: AttackConfig
     autoattack: AutoAttackConfig = Field(default_factory=AutoAttackConfig)
     eot: EOTConfig = Field(default_factory=EOTConfig)
+    histogram_attacks: HistogramAttacksConfig | None = Field(
+        None, description="per-attack energies for WEAT Fig.2 (diagnostic, not a headline number); null: off")
 
 
 class GeneratorSpec(Strict):
@@ -248,9 +268,11 @@ class GeneratorSpec(Strict):
     kind: Literal["sgld", "targeted_pgd", "buffer"]
     sampler: SamplerConfig | None = None
     attack: AttackConfig | None = None
-    init: Literal["uniform", "gaussian", "pca", "buffer", "data"] = "gaussian"
+    init: Literal["uniform", "gaussian", "pca", "buffer", "data", "noisy_data"] = "gaussian"
     pca_fraction: float = Field(0.95, gt=0.0, le=1.0, description="init 'pca': variance kept (WEAT 95%)")
     pca_sigma: float = Field(0.005, ge=0.0, description="init 'pca': pixel noise added (WEAT sigma_pca)")
+    noise_std: Fraction = Field(NOISY_DATA_STD, ge=0.0, description="init 'noisy_data': std of the pixel noise added "
+                                "to a test image of the class, then clamped to [0,1] (WEAT: 50 * 8/255)")
     methods: Literal["all"] | list[str] = "all"
 
     @model_validator(mode="after")
@@ -261,6 +283,9 @@ class GeneratorSpec(Strict):
             raise ValueError("kind 'targeted_pgd' needs an attack section with targeted: true")
         if (self.kind == "buffer") != (self.init == "buffer"):
             raise ValueError("init 'buffer' goes with kind 'buffer' and only with it")
+        if self.init != "noisy_data" and self.noise_std != NOISY_DATA_STD:
+            raise ValueError(f"noise_std={self.noise_std} is only read by init 'noisy_data' (this generator's init is "
+                             f"'{self.init}'); remove it, or set the Langevin noise in sampler.noise_std")
         return self
 
     def applies_to(self, method: str) -> bool:
@@ -313,10 +338,18 @@ class LandscapeConfig(Strict):
     n_images: int = Field(4, ge=1)
 
 
+# WEAT Fig.2's panels in its order: PGD (evaluate's pgd column), then evaluation.histogram_attacks
+WEAT_FIG2_ATTACKS = ("pgd", *HISTOGRAM_ATTACK_NAMES)
+
+
 class HistogramsConfig(Strict):
+    """Energy histograms: `attacks` are columns of the evaluate stage's energies (evaluate's columns or
+    evaluation.histogram_attacks names); each one present gets a column of panels, the first one also
+    goes into the clean-vs-adversarial-vs-generated figure."""
+
     bins: int = Field(200, ge=1)
     range: tuple[float, float] = (-40.0, 20.0)
-    attacks: list[str] = Field(default_factory=lambda: ["pgd"], min_length=1)
+    attacks: list[str] = Field(default_factory=lambda: list(WEAT_FIG2_ATTACKS), min_length=1)
 
     @field_validator("range")
     @classmethod
@@ -366,6 +399,9 @@ class Sections(Strict):
     datasets: dict[str, DatasetConfig]
     models: dict[str, ModelConfig]
     methods: dict[str, MethodConfig]
+    dataset_methods: dict[str, dict[str, dict[str, Any]]] = Field(
+        default_factory=dict, description='dataset -> method or "*" -> settings merged onto methods.<method> on that '
+        "data set only (order: module docstring); validated per pair as dataset_methods.<dataset>.<method>")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig
     generation: GenerationConfig
@@ -414,6 +450,9 @@ class ProfileConfig(Sections):
     seeds: list[int]
     runs: list[tuple[str, str]]
     table_datasets: dict[str, str]
+    methods_by_dataset: dict[str, dict[str, MethodConfig]] = Field(
+        default_factory=dict, description="dataset -> method -> its settings on that data set, for every pair that "
+        "`dataset_methods` changes; every other pair uses `methods`")
 
     @property
     def run_datasets(self) -> list[str]:
@@ -427,18 +466,26 @@ class ProfileConfig(Sections):
     def results_dir(self) -> Path:
         return Path(self.paths.results) / self.name
 
+    def _require(self, kind: str, key: str, allowed) -> None:
+        if key not in allowed:
+            raise ConfigError(f"unknown {kind} '{key}' in profile '{self.name}'; allowed: {sorted(allowed)}")
+
     def dataset(self, key: str) -> DatasetConfig:
         """DatasetConfig of `key` with `root` resolved (default <paths.data_root>/<key>)."""
-        if key not in self.datasets:
-            raise ConfigError(f"unknown dataset '{key}' in profile '{self.name}'; allowed: {sorted(self.datasets)}")
+        self._require("dataset", key, self.datasets)
         cfg = self.datasets[key]
         root = cfg.root if cfg.root is not None else str(Path(self.paths.data_root) / key)
         return cfg.model_copy(update={"root": root})
 
+    def method(self, dataset: str, method: str) -> MethodConfig:
+        """Settings of `method` on `dataset`: `methods[method]` with `dataset_methods` merged (module docstring)."""
+        self._require("dataset", dataset, self.datasets)
+        self._require("method", method, self.methods)
+        return self.methods_by_dataset.get(dataset, {}).get(method, self.methods[method])
+
     def run(self, dataset: str, method: str, seed: int) -> RunConfig:
-        if method not in self.methods:
-            raise ConfigError(f"unknown method '{method}' in profile '{self.name}'; allowed: {sorted(self.methods)}")
-        method_cfg = self.methods[method]
+        """Everything the (dataset, method, seed) job needs; the method's settings are those on `dataset`."""
+        method_cfg = self.method(dataset, method)
         return RunConfig(
             profile=self.name, dataset_name=dataset, dataset=self.dataset(dataset),
             method_name=method, method=method_cfg, model=self.models[method_cfg.model],
@@ -454,15 +501,20 @@ class Params(Sections):
     profile: str = "paper"
     profiles: dict[str, ProfileSpec] = Field(min_length=1)
 
+    def sections_as_written(self) -> dict[str, Any]:
+        """The top-level sections as plain dicts, without the defaults that params.yaml leaves out."""
+        return self.model_dump(mode="python", include=set(SECTION_NAMES), exclude_unset=True)
+
     def profile_config(self, name: str | None = None) -> ProfileConfig:
         """Resolve profile `name` (default: the active `profile`); see the module docstring for merge order."""
         name = self.profile if name is None else name
         if name not in self.profiles:
             raise ConfigError(f"unknown profile '{name}'; allowed: {sorted(self.profiles)}")
         spec = self.profiles[name]
-        base = self.model_dump(mode="python", include=set(SECTION_NAMES), exclude_unset=True)
-        merged = _apply_overrides(base, spec.overrides)
-        sections = _validate(Sections, merged, where=f"profile '{name}' (params after its overrides)")
+        merged = _apply_overrides(self.sections_as_written(), spec.overrides)
+        where = f"profile '{name}' (params after its overrides)"
+        sections = _validate(Sections, merged, where=where)
+        by_dataset = _resolve_dataset_methods(sections, merged, where=where)
         paths = sections.paths.model_copy(update={"data_root": os.environ.get(DATA_ROOT_ENV) or sections.paths.data_root})
         tracking = sections.tracking.model_copy(
             update={"uri": sections.tracking.uri or os.environ.get(TRACKING_URI_ENV) or DEFAULT_TRACKING_URI})
@@ -473,7 +525,8 @@ class Params(Sections):
         fields = {k: getattr(sections, k) for k in SECTION_NAMES}
         fields |= {"paths": paths, "tracking": tracking, "generation": generation}
         return ProfileConfig(name=name, device=spec.device, seeds=spec.seeds, runs=runs,
-                             table_datasets=spec.table_datasets, **fields)
+                             table_datasets=spec.table_datasets, methods_by_dataset=by_dataset,
+                             **fields)
 
 
 # --------------------------------------------------------------------------- loading and validation
@@ -496,7 +549,8 @@ def params_from_dict(raw: Any, *, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     params = _validate(Params, raw, where=source)
-    problems = _reference_problems(params, params, prefix="")
+    top_level = _resolve_dataset_methods(params, params.sections_as_written(), where=source)
+    problems = _reference_problems(params, params, prefix="", by_dataset=top_level)
     if problems:
         raise ConfigError(_report(source, problems))
     if params.profile not in params.profiles:
@@ -507,19 +561,22 @@ def params_from_dict(raw: Any, *, source: str = "params") -> Params:
             raise ConfigError(f"{source}:\n  - profiles.{name}.overrides: unknown section(s) {unknown}; "
                               f"allowed: {list(SECTION_NAMES)}")
         resolved = params.profile_config(name)
-        problems = _reference_problems(resolved, spec, prefix=f"profiles.{name}.")
+        problems = _reference_problems(resolved, spec, prefix=f"profiles.{name}.", by_dataset=resolved.methods_by_dataset)
         if problems:
             raise ConfigError(_report(f"{source}, profile '{name}'", problems))
     return params
 
 
-def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, prefix: str) -> list[str]:
-    """Names that must exist: models of methods, methods of generators, the refclf method, profile runs."""
+def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, prefix: str,
+                        by_dataset: dict[str, dict[str, MethodConfig]]) -> list[str]:
+    """Names that must exist: models of methods (also on each data set of `by_dataset`), methods of
+    generators, the refclf method, profile runs."""
     problems = []
     datasets, models, methods = sorted(sections.datasets), sorted(sections.models), sorted(sections.methods)
-    for name, method in sections.methods.items():
+    method_configs = _method_configs(sections.methods, by_dataset)
+    for where, method in method_configs:
         if method.model not in sections.models:
-            problems.append(f"methods.{name}.model: unknown model '{method.model}'; allowed: {models}")
+            problems.append(f"{where}.model: unknown model '{method.model}'; allowed: {models}")
     for name, spec in sections.generation.generators.items():
         for m in [] if spec.methods == "all" else spec.methods:
             if m not in sections.methods:
@@ -538,11 +595,11 @@ def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, pre
         for paper_name, d in spec.table_datasets.items():
             if d not in sections.datasets:
                 problems.append(f"{where}table_datasets.{paper_name}: unknown dataset '{d}'; allowed: {datasets}")
-    problems += _method_params_problems(sections)
+    problems += _method_params_problems(method_configs)
     return problems
 
 
-def _method_params_problems(sections: Sections) -> list[str]:
+def _method_params_problems(method_configs: list[tuple[str, MethodConfig]]) -> list[str]:
     """Ask robust_ebm.methods.validate_params(loss, params) about each method, once that package exists."""
     try:
         methods_pkg = importlib.import_module("robust_ebm.methods")
@@ -554,11 +611,31 @@ def _method_params_problems(sections: Sections) -> list[str]:
     if validate is None:
         return []
     problems = []
-    for name, method in sections.methods.items():
+    for where, method in method_configs:
         try:
             validate(method.loss, method.params)
         except (ValueError, KeyError, TypeError) as err:
-            problems.append(f"methods.{name}.params (loss '{method.loss}'): {err}")
+            problems.append(f"{where}.params (loss '{method.loss}'): {err}")
+    return problems
+
+
+def _method_configs(methods: dict[str, MethodConfig],
+                    by_dataset: dict[str, dict[str, MethodConfig]]) -> list[tuple[str, MethodConfig]]:
+    """Every MethodConfig by its params path: methods.<m>, then dataset_methods.<d>.<m> (m on data set d)."""
+    pairs = [(f"methods.{m}", cfg) for m, cfg in methods.items()]
+    return pairs + [(f"dataset_methods.{d}.{m}", cfg) for d, cfgs in by_dataset.items() for m, cfg in cfgs.items()]
+
+
+def _dataset_methods_problems(sections: Sections) -> list[str]:
+    """`dataset_methods` keys that name no data set, or neither a method nor "*"."""
+    problems = []
+    for dataset, entries in sections.dataset_methods.items():
+        if dataset not in sections.datasets:
+            problems.append(f"dataset_methods.{dataset}: unknown dataset '{dataset}'; allowed: {sorted(sections.datasets)}")
+        for method in entries:
+            if method != "*" and method not in sections.methods:
+                problems.append(f"dataset_methods.{dataset}.{method}: unknown method '{method}'; "
+                                f"allowed: {sorted(sections.methods)} or '*'")
     return problems
 
 
@@ -645,6 +722,43 @@ def _apply_overrides(base: dict, overrides: dict) -> dict:
         else:
             merged[section] = _deep_merge(merged.get(section), override)
     return merged
+
+
+def _resolve_dataset_methods(sections: Sections, raw: dict, *, where: str) -> dict[str, dict[str, MethodConfig]]:
+    """Validated settings of every (dataset, method) pair that `dataset_methods` touches.
+
+    `sections` is `raw` validated; its `dataset_methods` keys must name data sets and methods (or "*").
+    """
+    problems = _dataset_methods_problems(sections)
+    if problems:
+        raise ConfigError(_report(where, problems))
+    resolved = _validate(_DatasetMethodConfigs, {"dataset_methods": _dataset_method_dicts(raw)}, where=where)
+    return resolved.dataset_methods
+
+
+class _DatasetMethodConfigs(Strict):
+    """Validates the merged (dataset, method) settings so that errors read dataset_methods.<d>.<m>.<key>."""
+
+    dataset_methods: dict[str, dict[str, MethodConfig]]
+
+
+def _dataset_method_dicts(sections: dict) -> dict[str, dict[str, dict]]:
+    """Unvalidated settings of every (dataset, method) pair that `dataset_methods` touches (a "*" entry
+    touches every method), merged as in steps d-e of the module docstring onto the profile's methods."""
+    methods = sections["methods"]
+    merged: dict[str, dict[str, dict]] = {}
+    for dataset, entries in (sections.get("dataset_methods") or {}).items():
+        star = entries.get("*")
+        names = list(methods) if star is not None else [m for m in entries if m != "*"]
+        merged[dataset] = {m: _on_dataset(methods[m], star, entries.get(m)) for m in names}
+    return merged
+
+
+def _on_dataset(method: dict, star: dict | None, own: dict | None) -> dict:
+    """One method's settings on one data set: `star` as a "*" override (never creating a null
+    section), then the method's own entry deep-merged on top."""
+    out = _merge_star(method, star, MethodConfig) if star else dict(method)
+    return _deep_merge(out, own) if own else out
 
 
 def _deep_merge(base: Any, override: Any) -> Any:

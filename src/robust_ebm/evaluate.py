@@ -16,16 +16,38 @@ order:
 Clean, PGD and AutoAttack columns use the deterministic model (no test-time
 noise, papers.md §3.1 [R]); the noise lives only in the EOT column.
 
+Per-attack energies for WEAT Fig.2 (papers.md §3.8), when `evaluation.histogram_attacks`
+is set: each attack of its list runs alone on the first `histogram_attacks.n_examples`
+test images, L∞ ε 8/255 (`histogram_attacks.py`):
+
+    pgd_kl    PGD-20 on KL(p(.|x) || p(.|x')) (TRADES)        attacks.perturb
+    apgd_ce   APGD on CE                                      pyautoattack APGDAttack
+    apgd_t    APGD on the targeted DLR loss, 9 targets        pyautoattack APGDAttack_targeted
+    apgd_dlr  APGD on DLR                                     pyautoattack APGDAttack
+    fab_t     targeted FAB, 9 targets                         pyautoattack FABAttack_PT
+    square    Square, 5000 queries                            pyautoattack SquareAttack
+    cw_linf   PGD-20 on the CW margin max_{j≠y} f_j - f_y     attacks.perturb (not ART's CarliniLInfMethod)
+
+These are per-component DIAGNOSTICS, not a headline number (the ensemble is the
+`autoattack` column), so they sit under "histogram_attacks" in the JSON, not in
+"columns": one entry each with the column keys plus clean_accuracy (same points),
+fraction_perturbed, max_perturbation_linf and seconds; status "diagnostic", or
+"skipped: <reason>" when the model has too few classes (APGD-DLR needs 3, APGD-T 4).
+Only the points classified correctly are attacked, so accuracy <= clean_accuracy.
+
 Outputs: `<out>.json` (one entry per column with n, accuracy, eps_pixel,
-step_pixel, steps, objective, protocol, status) and `<out>.energies.npz`
-with per-example `labels`, `<column>_marginal` = E(x), `<column>_joint` =
-E(x,y) and `<column>_correct` for clean and every attack that returns its
-adversarial images (the energy histograms and gaps of papers.md §3.8).
+step_pixel, steps, objective, protocol, status; "histogram_attacks" as above) and
+`<out>.energies.npz` with per-example `labels`, `<name>_marginal` = E(x),
+`<name>_joint` = E(x,y) and `<name>_correct` for clean, every column that returns
+its adversarial images, and every histogram attack that ran (the energy histograms
+and gaps of papers.md §3.8). A column or attack on the first n images has arrays
+of length n, aligned with the first n entries of `clean_*` and `labels`.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,13 +57,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .attacks import AttackConfig, perturb
+from .attacks import AttackConfig, describe, perturb
 from .autoattack import run_autoattack
 from .data import load_prepared
 from .energy import joint_energy, marginal_energy
+from .histogram_attacks import DIAGNOSTIC as HIST_DIAGNOSTIC
+from .histogram_attacks import ComponentUnavailable, build_component
 from .models import ArchitectureRequired, load_classifier
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device, seed_everything
 
+log = logging.getLogger(__name__)
 DETERMINISTIC = "not applicable: deterministic model"
 ENTRY_KEYS = ("n", "accuracy", "eps_pixel", "step_pixel", "steps", "objective", "protocol", "status")
 
@@ -115,13 +140,8 @@ def evaluate_inputs(
 
 
 def describe_attack(name: str, cfg: AttackConfig) -> str:
-    """A protocol label computed from the config itself, so it can never disagree with what ran."""
-    start = "random start" if cfg.random_start != "none" else "no random start"
-    text = (
-        f"{cfg.norm} PGD-{cfg.steps} on {cfg.objective}, eps {cfg.eps * 255:.4g}/255, "
-        f"step {cfg.step * 255:.4g}/255 pixel units, {start}, {cfg.restarts} restart(s)"
-        f"{'' if cfg.project else ', no projection to the eps-ball'}"
-    )
+    """`attacks.describe(cfg)`, prefixed with what the column stands for."""
+    text = describe(cfg)
     if name == "energy_attack":
         return f"JEAT Tab.1 energy attack (ascend E(x,y) only): {text}"
     if name == "ebjdat_scale":
@@ -144,12 +164,27 @@ def _entry(n: int, accuracy: float | None, cfg: AttackConfig | None, protocol: s
     return entry
 
 
-def _check_budget(name: str, cfg: AttackConfig, linf: Tensor) -> float:
-    """Lesson 1 of anchors.md: a number is void if the attack left its ε-ball; fail loudly."""
+def _check_linf(name: str, eps: float, linf: Tensor) -> float:
+    """Lesson 1 of anchors.md: a number is void if the attack left its ε-ball; fail loudly. Returns max |x' - x|."""
     worst = float(linf.max()) if len(linf) else 0.0
-    if cfg.project and cfg.norm == "linf" and worst > cfg.eps + 1e-5:
-        raise RuntimeError(f"attack '{name}' moved a pixel by {worst:.6f} > eps {cfg.eps:.6f}; the attack is broken")
+    if worst > eps + 1e-5:
+        raise RuntimeError(f"attack '{name}' moved a pixel by {worst:.6f} > eps {eps:.6f}; the attack is broken")
     return worst
+
+
+def _check_budget(name: str, cfg: AttackConfig, linf: Tensor) -> float:
+    """`_check_linf` for an AttackConfig (L∞ and projected; otherwise only reports the largest move)."""
+    if cfg.project and cfg.norm == "linf":
+        return _check_linf(name, cfg.eps, linf)
+    return float(linf.max()) if len(linf) else 0.0
+
+
+def _keep(energies: dict[str, np.ndarray], name: str, res: dict[str, Tensor]) -> float:
+    """Store `<name>_marginal`, `<name>_joint`, `<name>_correct` for the npz; return the accuracy."""
+    energies[f"{name}_marginal"] = res["marginal"].numpy()
+    energies[f"{name}_joint"] = res["joint"].numpy()
+    energies[f"{name}_correct"] = res["correct"].numpy()
+    return float(res["correct"].float().mean()) if len(res["correct"]) else float("nan")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -210,25 +245,21 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
     columns: dict[str, dict] = {}
     energies: dict[str, np.ndarray] = {"labels": y.numpy()}
 
-    def keep(name: str, res: dict[str, Tensor]) -> float:
-        energies[f"{name}_marginal"] = res["marginal"].numpy()
-        energies[f"{name}_joint"] = res["joint"].numpy()
-        energies[f"{name}_correct"] = res["correct"].numpy()
-        return float(res["correct"].float().mean()) if len(y) else float("nan")
-
     clean = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, desc="clean")
-    columns["clean"] = _entry(len(y), keep("clean", clean), None, "clean test images, deterministic model (no test-time noise)")
+    columns["clean"] = _entry(len(y), _keep(energies, "clean", clean), None,
+                              "clean test images, deterministic model (no test-time noise)")
 
     for i, name in enumerate(("pgd", "energy_attack", "ebjdat_scale")):
         cfg: AttackConfig = getattr(ev, name)
         gen = _device_generator(run.seed + 1000 * (i + 1), device)
         attack = lambda xb, yb, cfg=cfg, gen=gen: perturb(model, xb, yb, cfg, generator=gen)  # noqa: E731
         res = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, transform=attack, desc=name)
-        columns[name] = _entry(len(y), keep(name, res), cfg, describe_attack(name, cfg),
+        columns[name] = _entry(len(y), _keep(energies, name, res), cfg, describe_attack(name, cfg),
                                max_perturbation_linf=_check_budget(name, cfg, res["linf"]))
 
     columns["autoattack"] = _autoattack_column(model, x, y, ev, device, energies)
     columns["eot"] = _eot_column(model, x, y, ev, noise_std, run.seed, device, energies)
+    diagnostics = _histogram_attacks(model, x, y, clean["correct"], ev, device, energies)
 
     energies_path = out_path.with_suffix(".energies.npz")
     buffer = io.BytesIO()
@@ -242,6 +273,7 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
         "test_noise_std": noise_std,
         "device": str(device),
         "columns": columns,
+        **({"histogram_attacks": diagnostics} if diagnostics is not None else {}),
         "energies_file": energies_path.name,
         "seconds": round(time.time() - t0, 3),
     }
@@ -286,3 +318,45 @@ def _eot_column(model, x, y, ev, noise_std, seed, device, energies) -> dict:
     return _entry(len(y), float(res["correct"].float().mean()), base, protocol,
                   clean_accuracy=float(clean["correct"].float().mean()), samples=samples, noise_std=noise_std,
                   max_perturbation_linf=_check_budget("eot", base, res["linf"]))
+
+
+# ----------------------------------------------------------------------------- per-attack energies (WEAT Fig.2)
+
+
+def _num_classes(model, x: Tensor, device: torch.device) -> int:
+    with torch.no_grad():
+        return int(model(x[:1].to(device)).shape[1])
+
+
+def _histogram_attacks(model, x, y, clean_correct: Tensor, ev, device, energies) -> dict | None:
+    """One diagnostic entry per attack of `evaluation.histogram_attacks` on the first n points (None when off).
+
+    These are per-component diagnostics (histogram_attacks.py), kept out of `columns`
+    so that no table or figure mistakes them for the AutoAttack number.
+    """
+    cfg = ev.histogram_attacks
+    if cfg is None:
+        return None
+    n = min(cfg.n_examples, len(y))
+    k = _num_classes(model, x, device)
+    return {name: _histogram_entry(name, model, x[:n], y[:n], clean_correct[:n], cfg, k, ev.batch_size, device, energies)
+            for name in cfg.attacks}
+
+
+def _histogram_entry(name, model, x, y, clean_correct, cfg, num_classes, batch_size, device, energies) -> dict:
+    """Run one attack, store its energies as `<name>_*` in the npz, and describe it (status 'skipped: ...' if it cannot run)."""
+    entry = {"n": len(y), "accuracy": None, "eps_pixel": cfg.eps, "step_pixel": None, "steps": None, "objective": name,
+             "protocol": f"{HIST_DIAGNOSTIC}: {name}", "status": "diagnostic"}
+    try:
+        comp = build_component(name, model, cfg, num_classes=num_classes, device=device)
+    except ComponentUnavailable as err:
+        log.warning("histogram attack '%s' skipped: %s", name, err)
+        return {**entry, "n": 0, "status": f"skipped: {err}"}
+    t0 = time.time()
+    res = evaluate_inputs(model, x, y, batch_size=batch_size, device=device, transform=comp.perturb, desc=name)
+    return {**entry, "accuracy": _keep(energies, name, res), "step_pixel": comp.step, "steps": comp.steps,
+            "objective": comp.objective, "protocol": comp.protocol,
+            "clean_accuracy": float(clean_correct.float().mean()) if len(y) else float("nan"),
+            "fraction_perturbed": float((res["linf"] > 0).float().mean()) if len(y) else float("nan"),
+            "max_perturbation_linf": _check_linf(name, cfg.eps, res["linf"]),
+            "seconds": round(time.time() - t0, 3)}

@@ -4,7 +4,8 @@ Plotting functions take arrays and return a matplotlib `Figure` (object API, Agg
 state); `figures_stage` finds the stage outputs of a profile and draws whatever is present:
 
     landscape_{joint,marginal}_<D>_img<i>   E(x0 + a d1 + b d2, y0) and E(...) around a test image (JEAT Fig.2)
-    energy_hist_attacks_<D>_<M>_s<S>        E(x), E(x,y): clean vs each attack          (WEAT Fig.2)
+    energy_hist_attacks_<D>_<M>_s<S>        E(x), E(x,y): clean vs each attack of figures.histograms.attacks
+                                            present in the eval npz, one column each  (WEAT Fig.2)
     energy_hist_clean_adv_gen_<D>_s<S>      E(x,y): clean vs PGD vs generated, per model (EB-JDAT Fig.2)
     dynamics_<D>_<M>_s<S>                   per-epoch curves of dynamics.json           (JEAT Fig.3, WEAT ΔE)
     samples_<D>_<M>_s<S>_<gen>              one row per class                           (JEAT Fig.4-6)
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import load_prepared
 from .energy import joint_energy, marginal_energy
+from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .models import load_classifier
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
 
@@ -123,24 +125,56 @@ def _hist_range(arrays, configured: tuple[float, float]) -> tuple[tuple[float, f
 
 
 def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]], *, bins: int,
-                           range_: tuple[float, float], title: str, max_cols: int = 4) -> Figure:
+                           range_: tuple[float, float], title: str, max_cols: int = 4,
+                           panel_size: tuple[float, float] = (3.8, 3.0)) -> Figure:
     """Overlaid histograms, one panel per entry of `panels` = {panel title: (x label, {set name: energies})}.
 
     `range_` is used unless it does not fit the values (`_hist_range`; the panel then says "range from data").
     """
     n_rows, n_cols = _panel_grid(len(panels), max_cols)
-    fig = Figure(figsize=(3.8 * n_cols, 3.0 * n_rows), layout="constrained")
+    fig = Figure(figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows), layout="constrained")
     colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink"]
     for i, (panel, (xlabel, sets)) in enumerate(panels.items()):
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         rng, auto = _hist_range(sets.values(), range_)
         for color, (name, values) in zip(colors, sets.items()):
             ax.hist(np.asarray(values, dtype=float), bins=bins, range=rng, alpha=0.5, color=color,
-                    label=f"{name} (mean {np.nanmean(values):.2f})")
+                    histtype="stepfilled", label=f"{name} (n {len(values)}, mean {np.nanmean(values):.2f})")
         ax.set(title=panel + (" [range from data]" if auto else ""), xlabel=xlabel, ylabel="count")
         ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
+
+
+def attack_label(name: str) -> str:
+    """WEAT Fig.2's name of an evaluate column or histogram attack (the column name when it has none)."""
+    return {"pgd": "PGD-20", **HISTOGRAM_ATTACK_LABELS}.get(name, name)
+
+
+def attack_histogram_panels(sets: dict[str, dict[str, np.ndarray]], attacks: list[str]) -> dict:
+    """Panels of WEAT Fig.2: row E(x), then row E(x,y); one column per attack, clean vs adversarial.
+
+    Every attack ran on the first n evaluated images (n = its own length), so the clean
+    histogram of its panel is drawn from those same n images.
+    """
+    panels = {}
+    for kind, label in (("E_x", "E(x)"), ("E_xy", "E(x, y)")):
+        for a in attacks:
+            adv = sets[a][kind]
+            panels[f"{label}, {attack_label(a)}"] = (label, {"clean": sets["clean"][kind][: len(adv)],
+                                                             "adversarial": adv})
+    return panels
+
+
+def plot_attack_histograms(sets: dict[str, dict[str, np.ndarray]], attacks: list[str], *, bins: int,
+                           range_: tuple[float, float], title: str) -> Figure:
+    """WEAT Fig.2: 2 rows (E(x), E(x,y)) x one column per attack; clean blue, adversarial red."""
+    missing = [a for a in ["clean", *attacks] if a not in sets]
+    if missing:
+        raise ValueError(f"no energies for {missing}; the evaluate stage's npz holds {sorted(sets)}")
+    wide = len(attacks) > 4
+    return plot_energy_histograms(attack_histogram_panels(sets, attacks), bins=bins, range_=range_, title=title,
+                                  max_cols=len(attacks), panel_size=(3.0, 2.6) if wide else (3.8, 3.0))
 
 
 # ----------------------------------------------------------------------------- dynamics
@@ -347,9 +381,7 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
         sets = _energy_sets(eval_npz)
         attacks = [a for a in hc.attacks if a in sets]
         if "clean" in sets and attacks:
-            panels = {f"{label}: clean vs {a}": (label, {"clean": sets["clean"][kind], a: sets[a][kind]})
-                      for kind, label in (("E_x", "E(x)"), ("E_xy", "E(x, y)")) for a in attacks}
-            record.add(plot_energy_histograms(panels, bins=hc.bins, range_=hc.range, max_cols=len(attacks),
+            record.add(plot_attack_histograms(sets, attacks, bins=hc.bins, range_=hc.range,
                                               title=f"Energies of clean vs adversarial test images: {method}, {dataset}, seed {seed}"),
                        f"energy_hist_attacks_{dataset}_{method}_s{seed}", "energy_histograms", [eval_npz])
         gen_npz = results_dir / "metrics" / dataset / method / f"s{seed}.energies.npz"

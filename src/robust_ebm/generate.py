@@ -13,6 +13,10 @@ Each generator in params (`generation.generators`) is one of three kinds
                   L2 PGD minimising CE of the class (recalled settings ε 30, step 0.5, 60 steps [R])
     buffer        `buffer_samples`: the JEM-family replay buffer saved beside the checkpoint
 
+Inits (`sampling.initialise`, inputs from `init_inputs`): uniform, gaussian (class Gaussian),
+pca (WEAT class PCA), data (training images) and noisy_data (WEAT's noise injection: a test
+image of the class + N(0, noise_std^2), clamped; the only init that reads the test split).
+
 Conditional generators label each image with its class; unconditional ones
 (energy marginal, and buffers saved without labels) with the model's
 prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W),
@@ -62,6 +66,18 @@ def _predict(model: nn.Module, x: Tensor) -> Tensor:
     return model(x).argmax(1)
 
 
+def init_inputs(spec, splits, stats) -> dict:
+    """The keyword arguments of `sampling.initialise` for a generator's init (GeneratorSpec `spec`):
+    class statistics and init settings always, training images for 'data', and test images with
+    their labels for 'noisy_data' (WEAT starts its noise-injection chains from test images)."""
+    inputs = {"stats": stats, "pca_fraction": spec.pca_fraction, "pca_sigma": spec.pca_sigma, "noise_std": spec.noise_std}
+    if spec.init == "data":
+        inputs["data"] = splits.train.images
+    elif spec.init == "noisy_data":
+        inputs |= {"data": splits.test.images, "data_labels": splits.test.labels}
+    return inputs
+
+
 def langevin_samples(
     model: nn.Module,
     labels: Tensor,
@@ -69,24 +85,22 @@ def langevin_samples(
     init: str,
     *,
     shape: tuple[int, int, int],
-    stats=None,
-    data: Tensor | None = None,
     batch_size: int = 100,
     device: torch.device = torch.device("cpu"),
     generator: torch.Generator | None = None,
-    pca: tuple[float, float] = (0.95, 0.005),
+    **init_kwargs,
 ) -> tuple[Tensor, Tensor]:
     """Run SGLD/PYLD from `init` for every label; return images in [0,1] (CPU) and their labels.
 
-    With `sampler.energy == 'marginal'` the chain ignores y (JEM's p(x)); `labels`
-    then only drive class-wise inits, and the returned labels are predictions.
+    `init_kwargs` go to `sampling.initialise` (stats, data, data_labels, pca_fraction, pca_sigma,
+    noise_std; see `init_inputs`). With `sampler.energy == 'marginal'` the chain ignores y (JEM's
+    p(x)); `labels` then only drive class-wise inits, and the returned labels are predictions.
     """
     step = pyld if sampler.kind == "pyld" else sgld
     conditional = sampler.energy != "marginal"
     images, out_labels = [], []
     for y in _chunks(labels, batch_size, f"sgld {sampler.energy}"):
-        x0 = initialise(init, len(y), shape=shape, stats=stats, labels=y, data=data, generator=generator,
-                        device=device, pca_fraction=pca[0], pca_sigma=pca[1])
+        x0 = initialise(init, len(y), shape=shape, labels=y, generator=generator, device=device, **init_kwargs)
         yd = y.to(device)
         x = step(model, x0, sampler, y=yd if conditional else None, generator=generator).clamp(0, 1)
         images.append(x.cpu())
@@ -101,19 +115,20 @@ def targeted_pgd_samples(
     init: str,
     *,
     shape: tuple[int, int, int],
-    stats=None,
     batch_size: int = 100,
     device: torch.device = torch.device("cpu"),
     generator: torch.Generator | None = None,
-    pca: tuple[float, float] = (0.95, 0.005),
+    **init_kwargs,
 ) -> tuple[Tensor, Tensor]:
-    """Santurkar et al.: seeds x0 ~ init (class Gaussian), then PGD that *minimises* CE(f(x), y) for target y."""
+    """Santurkar et al.: seeds x0 ~ init (class Gaussian), then PGD that *minimises* CE(f(x), y) for target y.
+
+    `init_kwargs` go to `sampling.initialise`, as in `langevin_samples`.
+    """
     if not attack.targeted:
         raise ValueError("a targeted_pgd generator needs attack.targeted: true (it descends CE towards the class)")
     images = []
     for y in _chunks(labels, batch_size, "targeted pgd"):
-        x0 = initialise(init, len(y), shape=shape, stats=stats, labels=y, generator=generator,
-                        device=device, pca_fraction=pca[0], pca_sigma=pca[1])
+        x0 = initialise(init, len(y), shape=shape, labels=y, generator=generator, device=device, **init_kwargs)
         yd = y.to(device)
         images.append(perturb(model, x0, yd, attack, target=yd, generator=generator).cpu())
     return torch.cat(images), labels.clone()
@@ -212,6 +227,7 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
         npz, grid = out_dir / f"{name}.npz", out_dir / f"{name}_grid.png"
         record = {"kind": spec.kind, "init": spec.init, "files": {"npz": npz.name, "grid": grid.name},
                   "pca": {"fraction": spec.pca_fraction, "sigma": spec.pca_sigma} if spec.init == "pca" else None,
+                  "noise_std": spec.noise_std if spec.init == "noisy_data" else None,
                   "sampler": spec.sampler.model_dump(mode="json") if spec.sampler else None,
                   "attack": spec.attack.model_dump(mode="json") if spec.attack else None}
         buffer_path = find_buffer(model_path, meta) if spec.kind == "buffer" else None
@@ -226,15 +242,12 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
             continue
         t0 = time.time()
         generator = torch.Generator(device=device).manual_seed(generator_seed(run.seed, name))
+        common = {"shape": shape, "batch_size": gen_cfg.batch_size, "device": device, "generator": generator,
+                  **init_inputs(spec, splits, stats)}
         if spec.kind == "sgld":
-            data = splits.train.images.float().div(255) if spec.init == "data" else None
-            images, ys = langevin_samples(model, labels, spec.sampler, spec.init, shape=shape, stats=stats, data=data,
-                                          batch_size=gen_cfg.batch_size, device=device, generator=generator,
-                                          pca=(spec.pca_fraction, spec.pca_sigma))
+            images, ys = langevin_samples(model, labels, spec.sampler, spec.init, **common)
         elif spec.kind == "targeted_pgd":
-            images, ys = targeted_pgd_samples(model, labels, spec.attack, spec.init, shape=shape, stats=stats,
-                                              batch_size=gen_cfg.batch_size, device=device, generator=generator,
-                                              pca=(spec.pca_fraction, spec.pca_sigma))
+            images, ys = targeted_pgd_samples(model, labels, spec.attack, spec.init, **common)
         else:
             images, ys = buffer_samples(model, buffer_path, batch_size=gen_cfg.batch_size, device=device)
             record["buffer_path"] = str(buffer_path)

@@ -78,10 +78,11 @@ OUTPUTS = {
 CODE = {
     "data": ("src/robust_ebm/data.py",),
     "train": ("src/robust_ebm/train.py", "src/robust_ebm/methods"),
-    "evaluate": ("src/robust_ebm/evaluate.py", "src/robust_ebm/attacks.py"),
+    "evaluate": ("src/robust_ebm/evaluate.py", "src/robust_ebm/attacks.py", "src/robust_ebm/autoattack.py",
+                 "src/robust_ebm/histogram_attacks.py"),
     "generate": ("src/robust_ebm/generate.py", "src/robust_ebm/sampling.py"),
     "metrics": ("src/robust_ebm/metrics",),
-    "figures": ("src/robust_ebm/figures.py",),
+    "figures": ("src/robust_ebm/figures.py", "src/robust_ebm/histogram_attacks.py"),
     "tables": ("src/robust_ebm/tables.py",),
 }
 # The robust-ebm command line of each stage (architecture.md "Stage command line").
@@ -127,6 +128,8 @@ def job_name(stage: str, wildcards: dict[str, Any]) -> str:
 
 # The RunConfig fields each run stage reads (its Snakemake rerun digest). Upstream changes reach
 # a stage through its input files (e.g. a retrained model.pt), so they need not be listed here.
+# "method" is the method's settings on the job's data set (config `dataset_methods` merged), so a
+# data-set-only setting changes the digests of that data set's jobs alone.
 RUN_STAGE_SETTINGS = {
     "train": ("dataset", "method_name", "method", "model", "seed", "device", "training"),
     "evaluate": ("dataset", "method_name", "model", "seed", "device", "evaluation"),
@@ -307,17 +310,21 @@ def shell_command(stage: str, values: dict[str, Any], *, refclf: bool = True) ->
 
 
 def params_keys(stage: str, wildcards: dict[str, Any]) -> tuple[str, ...]:
-    """The params.yaml keys a stage reads (DVC `params:`); the profile section always."""
+    """The params.yaml keys a stage reads (DVC `params:`); the profile section always.
+
+    A stage that reads `methods.<m>` also reads the whole `dataset_methods` section: DVC fails on a
+    listed key that params.yaml lacks, and a data set need not have an entry there.
+    """
     w = {k: str(v) for k, v in wildcards.items()}
     common = (f"profiles.{w['profile']}",)
     if stage == "data":
         return (f"datasets.{w['dataset']}", "paths.data_root", *common)
     if stage == "train":
-        return (f"datasets.{w['dataset']}", f"methods.{w['method']}", "models", "training", *common)
+        return (f"datasets.{w['dataset']}", f"methods.{w['method']}", "dataset_methods", "models", "training", *common)
     if stage == "evaluate":
-        return (f"methods.{w['method']}", "evaluation", *common)
+        return (f"methods.{w['method']}", "dataset_methods", "evaluation", *common)
     if stage == "generate":
-        return (f"methods.{w['method']}", "generation", *common)
+        return (f"methods.{w['method']}", "dataset_methods", "generation", *common)
     if stage == "metrics":
         return ("metrics", "paths.inception_weights", *common)
     if stage == "figures":

@@ -38,6 +38,7 @@ from .schema_types import Fraction, Strict
 
 EnergyFn = Callable[[Tensor], Tensor]  # x -> per-sample energies (B,)
 InitFn = Callable[[Tensor, "torch.Generator | None"], Tensor]  # (labels, generator) -> images in [0,1]
+NOISY_DATA_STD = 50 * 8 / 255  # WEAT's noise-injection init: alpha 50 x epsilon 8/255 (papers.md §3.5)
 
 
 class SamplerConfig(Strict):
@@ -69,7 +70,7 @@ class SamplerConfig(Strict):
     model_mode: Literal["eval", "train"] = "eval"
     buffer_size: int = Field(10000, ge=0)
     reinit_prob: float = Field(0.05, ge=0.0, le=1.0)
-    init: Literal["uniform", "gaussian", "pca", "data", "gm"] = "uniform"
+    init: Literal["uniform", "gaussian", "pca", "data", "gm"] = "uniform"  # never 'noisy_data': it starts from test images
 
 
 # ---------------------------------------------------------------- energies
@@ -275,6 +276,13 @@ def init_uniform(n: int, shape, generator: torch.Generator | None = None, device
     return _rand((n, *shape), device, generator)
 
 
+def _noisy(x: Tensor, noise_std: float, generator) -> Tensor:
+    """clamp(x + noise_std * eps, 0, 1), eps ~ N(0, I) (no draw when noise_std is 0)."""
+    if noise_std > 0:
+        x = x + noise_std * _randn(x.shape, x.device, generator)
+    return x.clamp(0.0, 1.0)
+
+
 def _class_gaussian(stats, labels: Tensor, rank_of, noise_std: float, generator, device) -> Tensor:
     """x = mean_y + basis_y[:, :r] (scales_y[:r] * z) + noise_std * eps, z, eps ~ N(0,I), clamped to [0,1]."""
     device = torch.device(device) if device is not None else stats.mean.device
@@ -288,9 +296,7 @@ def _class_gaussian(stats, labels: Tensor, rank_of, noise_std: float, generator,
         scales = stats.scales[k, :r].to(device)
         z = _randn((len(rows), r), device, generator)
         x[rows] = stats.mean[k].to(device).flatten() + (z * scales) @ basis.T
-    if noise_std > 0:
-        x = x + noise_std * _randn(x.shape, device, generator)
-    return x.view(len(labels), *image_shape).clamp(0.0, 1.0)
+    return _noisy(x.view(len(labels), *image_shape), noise_std, generator)
 
 
 def init_gaussian(stats, labels: Tensor, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -323,24 +329,59 @@ def init_gm(stats, n: int, generator: torch.Generator | None = None, device=None
     return init_gaussian(stats, labels, generator, device)
 
 
-def init_from_data(images: Tensor, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """n training images drawn with replacement (uint8 in [0,255] or float in [0,1])."""
-    device = device if device is not None else images.device
-    idx = _randint(len(images), (n,), images.device, generator)
-    picked = images[idx].to(device)
+def _take(images: Tensor, idx: Tensor, device) -> Tensor:
+    """images[idx] as float [0,1] images on `device` (images uint8 in [0,255] or float in [0,1])."""
+    picked = images[idx].to(device if device is not None else images.device)
     return picked.float() / 255.0 if picked.dtype == torch.uint8 else picked.float()
 
 
-INIT_KINDS = ("uniform", "gaussian", "pca", "data", "gm")
+def init_from_data(images: Tensor, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """n training images drawn with replacement (uint8 in [0,255] or float in [0,1])."""
+    return _take(images, _randint(len(images), (n,), images.device, generator), device)
 
 
-def _check_init(kind: str, shape, stats, data) -> None:
+def _draw_of_class(image_labels: Tensor, labels: Tensor, generator) -> Tensor:
+    """For each wanted label y, the index of an image of class y, drawn uniformly with replacement."""
+    on = image_labels.device
+    labels, idx = labels.to(on), torch.empty(len(labels), dtype=torch.long, device=on)
+    for k in labels.unique().tolist():
+        pool = (image_labels == k).nonzero().squeeze(1)
+        if len(pool) == 0:
+            raise ValueError(f"init 'noisy_data': no image of class {k} to start from; "
+                             f"the images hold classes {image_labels.unique().tolist()}")
+        rows = (labels == k).nonzero().squeeze(1)
+        idx[rows] = pool[_randint(len(pool), (len(rows),), on, generator)]
+    return idx
+
+
+def init_noisy_data(images: Tensor, image_labels: Tensor, labels: Tensor, noise_std: float = NOISY_DATA_STD,
+                    generator: torch.Generator | None = None, device=None) -> Tensor:
+    """WEAT's noise-injection init (papers.md §3.5): x0 = clamp(x_y + noise_std * eps, 0, 1), eps ~ N(0, I).
+
+    x_y is an image of the wanted class y, drawn uniformly with replacement from `images` (the test
+    split in the generate stage), so each start keeps its label y. WEAT's code
+    (image_generation/utils.py, noise_injection_initialization) adds N(0, (alpha * epsilon)^2) with
+    alpha 50, epsilon 8/255 (noise_std ~1.57: after the clamp the start is mostly saturated noise
+    tilted towards x_y) and takes the class's images in test-set order from the first 1000 test
+    images; we draw from the whole split with the caller's generator instead. `images` are uint8
+    in [0,255] or float in [0,1]; `image_labels` (N,) their classes.
+    """
+    x = _take(images, _draw_of_class(image_labels, labels, generator), device)
+    return _noisy(x, noise_std, generator)
+
+
+INIT_KINDS = ("uniform", "gaussian", "pca", "data", "gm", "noisy_data")
+
+
+def _check_init(kind: str, shape, stats, data, data_labels=None) -> None:
     if kind not in INIT_KINDS:
         raise ValueError(f"unknown init '{kind}'; use one of {INIT_KINDS}")
     if kind in ("gaussian", "pca", "gm") and stats is None:
         raise ValueError(f"init '{kind}' needs class statistics: pass stats=data.class_stats(...) or use init 'uniform'")
     if kind == "data" and data is None:
         raise ValueError("init 'data' needs data=<training images>; or use init 'uniform'")
+    if kind == "noisy_data" and (data is None or data_labels is None or data_labels.shape != (len(data),)):
+        raise ValueError("init 'noisy_data' needs data=<images> (the test split) and data_labels=<their (N,) classes>")
     if stats is not None and tuple(stats.mean.shape[1:]) != tuple(shape):
         raise ValueError(f"class statistics are for images {tuple(stats.mean.shape[1:])}, the sampler wants {tuple(shape)}")
     if data is not None and tuple(data.shape[1:]) != tuple(shape):
@@ -359,19 +400,27 @@ def initialise(
     device=None,
     pca_fraction: float = 0.95,
     pca_sigma: float = 0.005,
+    data_labels: Tensor | None = None,
+    noise_std: float = NOISY_DATA_STD,
 ) -> Tensor:
     """n starting images (n, *shape) in [0,1] of the given kind.
 
     'gaussian' and 'pca' are class-conditional: without labels the classes are
-    drawn uniformly (JEM++). 'uniform', 'gm' and 'data' ignore labels.
+    drawn uniformly (JEM++). 'noisy_data' starts from images of the label's class
+    in `data` (classes `data_labels`); without labels from any image of `data`.
+    'uniform', 'gm' and 'data' ignore labels.
     """
-    _check_init(kind, shape, stats, data)
+    _check_init(kind, shape, stats, data, data_labels)
     if labels is not None and len(labels) != n:
         raise ValueError(f"got {len(labels)} labels for {n} images")
     if kind == "uniform":
         return init_uniform(n, shape, generator, device)
     if kind == "data":
         return init_from_data(data, n, generator, device)
+    if kind == "noisy_data":
+        if labels is None:
+            labels = data_labels[_randint(len(data_labels), (n,), data_labels.device, generator)]
+        return init_noisy_data(data, data_labels, labels, noise_std, generator, device)
     if kind == "gm":
         return init_gm(stats, n, generator, device)
     if labels is None:

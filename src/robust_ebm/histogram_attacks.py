@@ -1,0 +1,255 @@
+"""Per-attack adversarial images for the energy histograms of WEAT Fig.2 (papers.md §3.8).
+
+These are **per-component diagnostics, not the headline robustness number**. Each attack runs
+on its own, so its accuracy is that of one component; the number of the tables is the
+AutoAttack ensemble (`autoattack.run_autoattack`: a point is robust only if every attack of
+the ensemble fails on it), which is evaluate's `autoattack` column.
+
+    name      implementation                                                WEAT Fig.2 panel
+    pgd_kl    attacks.perturb, objective 'kl': KL(p(.|x) || p(.|x')), TRADES  TRADES (KL)
+    apgd_ce   pyautoattack APGDAttack(loss='ce')                            APGD
+    apgd_t    pyautoattack APGDAttack_targeted (targeted DLR loss)          APGD-T
+    apgd_dlr  pyautoattack APGDAttack(loss='dlr')                           APGD-DLR
+    fab_t     pyautoattack FABAttack_PT(targeted=True)                      FAB
+    square    pyautoattack SquareAttack (margin loss, score-based)          Square
+    cw_linf   attacks.perturb, objective 'cw_margin': PGD on the CW margin  CW
+    (the PGD panel is evaluate's `pgd` column, L∞ PGD-20 on CE)
+
+Every attack is L∞ with budget ε (8/255 pixel units by default) on [0,1] images.
+
+pyautoattack's classes are used as AutoAttack 'standard' configures them for L∞
+(pyautoattack 0.2.0, `AutoAttack.__init__` and `_set_version`):
+APGD n_iter 100, n_restarts 1, rho 0.75, eot_iter 1; APGD-T the same with 9 target
+classes; FAB-T n_iter 100, n_restarts 1, 9 target classes (alpha_max 0.1, eta 1.05,
+beta 0.9); Square p_init 0.8, 5000 queries, 1 restart, resc_schedule False. APGD-DLR
+is not in 'standard'; it gets APGD-CE's settings ('plus' gives it 5 restarts). The
+settings `apgd_iters`, `fab_iters`, `square_queries`, `n_target_classes` and `pgd_steps`
+can be lowered (smoke profile); the protocol string then says REDUCED next to the value. A model with
+fewer than n_target_classes + 1 classes gets K - 1 targets (also written in the protocol).
+The two PGD attacks use `attacks.perturb`: pgd_kl as TRADES does (N(0, 0.001²) start,
+since KL has zero gradient at x' = x), cw_linf with a uniform start; both PGD-20, α 2/255.
+
+Conventions, the same for every attack so that the panels compare like with like:
+- Only the points the model classifies correctly are attacked (AutoAttack's rule); a
+  misclassified point keeps its clean image. Hence a component's accuracy is never
+  above the clean accuracy of the same points.
+- pyautoattack returns the clean image for a point it fails to break (its `perturb`
+  semantics); the PGD attacks return their last iterate. So in the pyautoattack panels
+  the robust points sit on their clean energies; evaluate records `fraction_perturbed`.
+- pyautoattack seeds torch's global RNG (`torch.random.manual_seed(seed)`) on every
+  call; each attack runs inside `torch.random.fork_rng`, so the caller's RNG state is
+  left as found, and the same seed gives the same images.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import pyautoattack
+import torch
+from pydantic import Field, field_validator
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.fab_pt import FABAttack_PT
+from pyautoattack.square import SquareAttack
+from torch import Tensor, nn
+
+from .attacks import AttackConfig, describe, perturb
+from .runtime import model_mode
+from .schema_types import Fraction, Strict
+
+DIAGNOSTIC = ("per-component diagnostic for the energy histograms (WEAT Fig.2), not the headline robustness "
+              "number (that is the AutoAttack ensemble, evaluate's 'autoattack' column)")
+# name -> WEAT Fig.2 panel label, in the figure's order
+LABELS = {
+    "pgd_kl": "TRADES (KL)",
+    "apgd_ce": "APGD-CE",
+    "apgd_t": "APGD-T",
+    "apgd_dlr": "APGD-DLR",
+    "fab_t": "FAB-T",
+    "square": "Square",
+    "cw_linf": "CW-Linf (PGD on CW margin)",
+}
+NAMES = tuple(LABELS)
+# The standard settings the config may lower: AutoAttack 'standard' (L∞), and PGD-20 (papers.md §3.2, §3.8)
+STANDARD = {"apgd_iters": 100, "fab_iters": 100, "square_queries": 5000, "n_target_classes": 9, "pgd_steps": 20}
+_AA_LOGGER = logging.getLogger("auto-attack")
+
+
+class HistogramAttacksConfig(Strict):
+    """evaluation.histogram_attacks: per-attack energies for WEAT Fig.2 (a diagnostic; see the module docstring)."""
+
+    n_examples: int = Field(1000, ge=1, description="the first n evaluated test images")
+    attacks: list[str] = Field(default_factory=lambda: list(NAMES), min_length=1, description=f"any of {list(NAMES)}")
+    eps: Fraction = Field(8 / 255, gt=0.0, le=1.0, description="L∞ budget, pixel units")
+    step: Fraction = Field(2 / 255, gt=0.0, description="PGD step of pgd_kl and cw_linf, pixel units")
+    pgd_steps: int = Field(STANDARD["pgd_steps"], ge=1, description="iterations of pgd_kl and cw_linf (PGD-20)")
+    apgd_iters: int = Field(STANDARD["apgd_iters"], ge=1, description="APGD n_iter (AutoAttack: 100)")
+    apgd_restarts: int = Field(1, ge=1, description="APGD-CE/-DLR n_restarts (AutoAttack standard: 1)")
+    fab_iters: int = Field(STANDARD["fab_iters"], ge=1, description="FAB n_iter (AutoAttack: 100)")
+    square_queries: int = Field(STANDARD["square_queries"], ge=1, description="Square n_queries (AutoAttack: 5000)")
+    n_target_classes: int = Field(STANDARD["n_target_classes"], ge=1, description="APGD-T / FAB-T targets (AutoAttack: 9)")
+    seed: int = 0
+
+    @field_validator("attacks")
+    @classmethod
+    def _check_names(cls, attacks):
+        unknown = [a for a in attacks if a not in LABELS]
+        if unknown:
+            raise ValueError(f"unknown attack(s) {unknown}; valid names: {', '.join(NAMES)}")
+        if len(set(attacks)) != len(attacks):
+            raise ValueError(f"attacks are listed more than once: {attacks}")
+        return attacks
+
+
+class ComponentUnavailable(ValueError):
+    """The attack cannot run on this model (too few classes); evaluate records it as skipped."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """A ready attack: `perturb(x, y)` on one batch on the model's device, and what exactly it runs."""
+
+    perturb: Callable[[Tensor, Tensor], Tensor]
+    protocol: str
+    objective: str
+    steps: int          # iterations (queries for Square)
+    step: float | None  # fixed PGD step in pixel units; None for the adaptive pyautoattack attacks
+    impl: object        # the pyautoattack attack object, or the AttackConfig of attacks.perturb
+
+
+def _setting(key: str, value: int) -> str:
+    """'100', or '10 (REDUCED from the standard 100)' when the config departs from the STANDARD setting."""
+    standard = STANDARD[key]
+    if value == standard:
+        return f"{value}"
+    return f"{value} ({'REDUCED from' if value < standard else 'more than'} the standard {standard})"
+
+
+def _targets(cfg: HistogramAttacksConfig, num_classes: int) -> tuple[int, str]:
+    """min(n_target_classes, K - 1) target classes, and how the protocol writes it."""
+    n = min(cfg.n_target_classes, num_classes - 1)
+    text = _setting("n_target_classes", cfg.n_target_classes)
+    return n, text if n == cfg.n_target_classes else f"{n} (all other classes of {num_classes}; config {text})"
+
+
+def _pyautoattack(what: str, cfg: HistogramAttacksConfig) -> str:
+    return f"pyautoattack {pyautoattack.__version__} {what}, Linf, eps {cfg.eps * 255:.4g}/255 pixel units, seed {cfg.seed}"
+
+
+# ----------------------------------------------------------------------------- the seven attacks
+
+def _pgd(model, cfg, device, objective, random_start) -> tuple[Callable, AttackConfig]:
+    """L∞ PGD-`pgd_steps` on `objective` (attacks.perturb), ε `eps`, α `step`, its own seeded generator."""
+    attack = AttackConfig(norm="linf", eps=cfg.eps, step=cfg.step, steps=cfg.pgd_steps, random_start=random_start,
+                          start_std=0.001, objective=objective)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return (lambda x, y: perturb(model, x, y, attack, generator=generator)), attack
+
+
+def _pgd_kl(model, cfg, num_classes, device) -> Component:
+    fn, attack = _pgd(model, cfg, device, "kl", "normal")
+    protocol = (f"TRADES KL attack (robust_ebm.attacks.perturb, as TRADES's trades_loss): {describe(attack)}, "
+                f"steps {_setting('pgd_steps', cfg.pgd_steps)}")
+    return Component(fn, protocol, "kl", cfg.pgd_steps, cfg.step, attack)
+
+
+def _cw_linf(model, cfg, num_classes, device) -> Component:
+    fn, attack = _pgd(model, cfg, device, "cw_margin", "uniform")
+    protocol = (f"CW-Linf = L-inf PGD on the Carlini-Wagner margin max_(j!=y) f_j - f_y (robust_ebm.attacks.perturb, "
+                f"the 'CW-inf' of Madry/TRADES-style evaluations): {describe(attack)}, "
+                f"steps {_setting('pgd_steps', cfg.pgd_steps)}. NOT ART's CarliniLInfMethod that WEAT's "
+                "CW_test.py calls (papers.md §3.4)")
+    return Component(fn, protocol, "cw_margin", cfg.pgd_steps, cfg.step, attack)
+
+
+def _apgd(loss: str):
+    """Builder of APGD on `loss` ('ce' or 'dlr'), with the settings AutoAttack 'standard' gives APGD-CE."""
+
+    def build(model, cfg, num_classes, device) -> Component:
+        if loss == "dlr" and num_classes < 3:
+            raise ComponentUnavailable(f"the DLR loss needs >= 3 classes, the model has {num_classes}")
+        attack = APGDAttack(model, n_iter=cfg.apgd_iters, norm="Linf", n_restarts=cfg.apgd_restarts, eps=cfg.eps,
+                            seed=cfg.seed, loss=loss, eot_iter=1, rho=0.75, verbose=False, device=device,
+                            logger=_AA_LOGGER)
+        as_in = "AutoAttack 'standard' runs APGD-CE" if loss == "ce" else "APGD-CE of AutoAttack 'standard', DLR loss"
+        protocol = _pyautoattack(f"APGDAttack(loss='{loss}', n_iter {_setting('apgd_iters', cfg.apgd_iters)}, "
+                                 f"n_restarts {cfg.apgd_restarts}, rho 0.75, eot_iter 1) as {as_in}", cfg)
+        return Component(attack.perturb, protocol, loss, cfg.apgd_iters, None, attack)
+    return build
+
+
+def _apgd_t(model, cfg, num_classes, device) -> Component:
+    if num_classes < 4:
+        raise ComponentUnavailable(f"the targeted DLR loss needs >= 4 classes, the model has {num_classes}")
+    n_targets, targets = _targets(cfg, num_classes)
+    attack = APGDAttack_targeted(model, n_iter=cfg.apgd_iters, norm="Linf", n_restarts=1, eps=cfg.eps, seed=cfg.seed,
+                                 eot_iter=1, rho=0.75, n_target_classes=n_targets, verbose=False, device=device,
+                                 logger=_AA_LOGGER)
+    protocol = _pyautoattack(f"APGDAttack_targeted(targeted DLR, n_iter {_setting('apgd_iters', cfg.apgd_iters)}, "
+                             f"n_restarts 1, n_target_classes {targets}, rho 0.75, eot_iter 1) as AutoAttack 'standard' "
+                             "runs APGD-T", cfg)
+    return Component(attack.perturb, protocol, "dlr-targeted", cfg.apgd_iters, None, attack)
+
+
+def _fab_t(model, cfg, num_classes, device) -> Component:
+    n_targets, targets = _targets(cfg, num_classes)
+    attack = FABAttack_PT(model, norm="Linf", n_restarts=1, n_iter=cfg.fab_iters, eps=cfg.eps, seed=cfg.seed,
+                          targeted=True, n_target_classes=n_targets, verbose=False, device=device)
+    protocol = _pyautoattack(f"FABAttack_PT(targeted, n_iter {_setting('fab_iters', cfg.fab_iters)}, n_restarts 1, "
+                             f"n_target_classes {targets}, alpha_max 0.1, eta 1.05, beta 0.9) as AutoAttack 'standard' "
+                             "runs FAB-T; a point counts as broken only within eps", cfg)
+    return Component(attack.perturb, protocol, "fab-targeted (minimum norm)", cfg.fab_iters, None, attack)
+
+
+def _square(model, cfg, num_classes, device) -> Component:
+    attack = SquareAttack(model, norm="Linf", n_queries=cfg.square_queries, eps=cfg.eps, p_init=0.8, n_restarts=1,
+                          seed=cfg.seed, verbose=False, loss="margin", resc_schedule=False, device=device)
+    protocol = _pyautoattack(f"SquareAttack(margin loss, n_queries {_setting('square_queries', cfg.square_queries)}, "
+                             "p_init 0.8, n_restarts 1, resc_schedule False) as AutoAttack 'standard' runs Square", cfg)
+    return Component(attack.perturb, protocol, "margin (score-based)", cfg.square_queries, None, attack)
+
+
+_BUILDERS = {"pgd_kl": _pgd_kl, "apgd_ce": _apgd("ce"), "apgd_t": _apgd_t, "apgd_dlr": _apgd("dlr"),
+             "fab_t": _fab_t, "square": _square, "cw_linf": _cw_linf}
+assert tuple(_BUILDERS) == NAMES
+
+
+# ----------------------------------------------------------------------------- shared conventions
+
+@contextmanager
+def _private_rng(device: torch.device):
+    """Run a block with torch's global RNG forked (pyautoattack reseeds it), restored on exit."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _attack_correct_only(model: nn.Module, attack: Callable, device: torch.device) -> Callable:
+    """x' = attack(x, y) where f(x) is correct, else x (AutoAttack's rule); eval mode, caller's RNG untouched."""
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        with model_mode(model, "eval"), _private_rng(device):
+            with torch.no_grad():
+                correct = model(x).argmax(1) == y
+            x_adv = attack(x, y).detach().to(x.device)
+        return torch.where(correct.view(-1, *[1] * (x.dim() - 1)), x_adv, x)
+
+    return run
+
+
+def build_component(name: str, model: nn.Module, cfg: HistogramAttacksConfig, *, num_classes: int,
+                    device: torch.device) -> Component:
+    """The attack `name` of this module on `model`; raises ComponentUnavailable when the model has too few classes."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown attack '{name}'; valid names: {', '.join(NAMES)}")
+    if num_classes < 2:
+        raise ComponentUnavailable(f"a classifier needs >= 2 classes, the model has {num_classes}")
+    comp = _BUILDERS[name](model, cfg, num_classes, device)
+    return replace(comp, perturb=_attack_correct_only(model, comp.perturb, device),
+                   protocol=f"{DIAGNOSTIC}: {comp.protocol}; only points classified correctly are attacked "
+                            "(AutoAttack's rule)")
