@@ -90,9 +90,12 @@ def final_weights(out_dir):
     return model.state_dict(), meta
 
 
-def test_two_epochs_write_every_output(tmp_path):
+def test_two_epochs_write_every_output(tmp_path, capsys):
     tracker = RecordingTracker()
     summary = train_splits(make_run("pgd_at", dynamics=1), make_splits(), None, tmp_path, tracker)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pgd_at epoch")]
+    assert [line.split(";")[0] for line in lines] == ["pgd_at epoch 1/2", "pgd_at epoch 2/2"]  # one log line per epoch
+    assert all("val n=16: clean" in line and "PGD-1" in line and "img/s" in line for line in lines)
     for name in OUTPUTS:
         assert (tmp_path / name).exists(), name
     info = json.loads((tmp_path / "train.json").read_text())

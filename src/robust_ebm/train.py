@@ -427,11 +427,24 @@ class Trainer:
         p["val"] = p["val"] + [{"epoch": epoch, **val}]
         p["epoch"], p["step_in_epoch"] = epoch, 0
         self.save()
+        tqdm.write(self._epoch_line(epoch, val))
         if self.tracker is not None:
             self.tracker.log_metrics({f"val/{k}": v for k, v in val.items()} | {f"dynamics/{k}": v for k, v in row.items()}
                                      | {"epoch": epoch}, step=p["global_step"])
         if t.grid_every_epochs and epoch % t.grid_every_epochs == 0:
             self._grid(epoch)
+
+    def _epoch_line(self, epoch: int, val: dict) -> str:
+        """One plain log line per epoch: validation accuracies, the selected epoch so far, throughput."""
+        p = self.progress
+        parts = [f"{self.run.method_name} epoch {epoch}/{self.run.method.schedule.epochs}"]
+        if val:
+            parts.append(f"val n={val['n']}: clean {100 * val['clean_acc']:.1f}%, PGD-{self.run.training.val_pgd.steps} "
+                         f"{100 * val['pgd_acc']:.1f}%")
+        parts.append(f"best epoch {p['best_epoch']}" if p["best_epoch"] is not None else "no epoch selected yet")
+        if p["seconds"]:
+            parts.append(f"{p['images'] / p['seconds']:.0f} img/s")
+        return "; ".join(parts)
 
     def _grid(self, epoch: int) -> None:
         from torchvision.utils import save_image  # imported here: torchvision takes seconds to import
