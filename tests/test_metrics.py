@@ -309,6 +309,15 @@ def test_stage_without_inception_weights_writes_refclf_and_the_absence(run_files
     assert logged and result["fisher"] == written["fisher"]
 
 
+def test_refclf_that_is_the_scored_model_gives_no_numbers(run_files, offline):
+    """The reference classifier's own run: its samples were optimised against the feature net, so no score."""
+    run, d = run_files
+    result = metrics_stage(run, d / "data", d / "model.pt", d / "samples", d / "model.pt", d / "eval.json",
+                           d / "out" / "m.json")
+    assert result["generators"]["sgld"]["refclf"] == {"status": stage.SELF_REFERENCED}
+    assert "fisher" in result and "E_xy/clean->generated/sgld" in result["energy"]["gap"]  # the rest is scored
+
+
 def test_stage_with_weights_names_inception_numbers_by_the_samples_used(run_files, offline, fake_weights):
     run, d = run_files
     run.paths = PathsConfig(results=str(d / "results"), inception_weights=str(fake_weights))

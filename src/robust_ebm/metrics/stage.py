@@ -9,6 +9,8 @@ Every number carries the name of what was computed:
   fid_refclf, is_refclf, class_consistency_refclf                  reference-classifier stand-in
 When the Inception weights are unavailable, `inception` = {"status": "unavailable", "reason": ...}
 and only the `_refclf` numbers exist: the absence is written down, nothing is substituted silently.
+When the reference classifier is the scored model itself (the run of `metrics.refclf.method`), each
+generator's `refclf` is {"status": "not computed: ..."}: its samples were optimised against that network.
 """
 
 from __future__ import annotations
@@ -95,6 +97,16 @@ def _inception_for(images, reference, cfg, *, weights, net, seed, batch_size) ->
     return {**out, "n_ref": reference.n, "protocols": protocols}
 
 
+SELF_REFERENCED = ("not computed: the reference classifier is this run's own model, and the samples were "
+                   "optimised against it, so its features and class scores would rate its own samples")
+
+
+def _same_file(a, b) -> bool:
+    """Whether paths a and b name the same file (the reference classifier is the model being scored)."""
+    a, b = Path(a), Path(b)
+    return a.is_file() and b.is_file() and (a.resolve() == b.resolve() or a.samefile(b))
+
+
 def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path, out_path, tracker=None) -> dict:
     """Score one run; see the module docstring for what is written."""
     cfg = run.metrics
@@ -134,7 +146,10 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         net = None
         result["inception"] = {"status": "unavailable", "reason": str(err)}
 
-    refclf = load_classifier(refclf_path, map_location=device)[0].to(device).eval() if cfg.refclf.enabled else None
+    self_referenced = cfg.refclf.enabled and _same_file(refclf_path, model_path)
+    refclf = None
+    if cfg.refclf.enabled and not self_referenced:
+        refclf = load_classifier(refclf_path, map_location=device)[0].to(device).eval()
     sets = dict(eval_sets)
     sample_energies = {}
     for name, (images, labels) in samples.items():
@@ -146,6 +161,8 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
             idx = _subset(len(images), min(cfg.inception.n_uniform, len(images)), run.seed)
             entry["refclf"] = refclf_metrics(refclf, images[idx], labels[idx], reference,
                                              splits=cfg.inception.splits, batch_size=cfg.batch_size)
+        elif self_referenced:
+            entry["refclf"] = {"status": SELF_REFERENCED}
         idx = _subset(len(images), min(cfg.energy.n_examples, len(images)), run.seed)
         energies = compute_energies(model, images[idx], labels[idx], batch_size=cfg.batch_size)
         sets[f"generated/{name}"] = energies
