@@ -46,6 +46,13 @@ def test_histogram_range_falls_back_to_the_data_only_when_the_configured_one_mis
     assert auto and rng[1] - rng[0] < 1
 
 
+def test_histogram_legend_counts_values_outside_the_axis():
+    values = {"clean": np.array([-5.0, 0.0, 3.0]), "generated": np.array([-60.0, -50.0, -10.0, 0.0])}
+    fig = figures.plot_energy_histograms({"p": ("E", values)}, bins=10, range_=(-40, 20), title="t")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "clean (n 3, mean -0.67)" and labels[1].endswith(", 2 outside the axis)")
+
+
 def test_dynamics_plot_handles_gaps_and_spreads_and_rejects_empty_input():
     dyn = {"epoch": [1, 2, 3], "jeat/dx_E_xy/mean": [0.5, None, 0.2], "jeat/dx_E_xy/var": [0.1, None, 0.1],
            "weat/dE_x": [None, None, -0.1], "never": [None, None, None]}
@@ -75,14 +82,23 @@ def test_attack_histograms_have_one_panel_column_per_attack_and_rows_E_x_E_xy(tm
     sets = _sets(np.random.default_rng(0), WEAT_FIG2)
     fig = figures.plot_attack_histograms(sets, WEAT_FIG2, bins=20, range_=(-40, 20), title="t")
     assert len(fig.axes) == 2 * len(WEAT_FIG2)
-    assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, len(WEAT_FIG2))}
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(4, 4)}  # 8 attacks: 2 blocks of 4
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("E(x), PGD-20") and titles[len(WEAT_FIG2)].startswith("E(x, y), PGD-20")
+    assert titles[0].startswith("E(x), PGD-20") and titles[4].startswith("E(x, y), PGD-20")
     assert any("APGD-T" in t for t in titles) and any("CW-Linf" in t for t in titles)
+    # 11 attacks wrap into blocks of 6 and 5 columns: each attack's E(x) sits right above its E(x, y)
+    eleven = WEAT_FIG2 + ["energy_attack", "ebjdat_scale", "autoattack"]
+    fig = figures.plot_attack_histograms(_sets(np.random.default_rng(1), eleven), eleven, bins=20, range_=(-40, 20),
+                                         title="t")
+    slots = {ax.get_title().split(" [")[0]: ax.get_subplotspec().get_geometry() for ax in fig.axes}
+    assert len(slots) == 22 and {g[:2] for g in slots.values()} == {(4, 6)}
+    for a in ("PGD-20", "Square", "energy_attack", "autoattack"):
+        above, below = slots[f"E(x), {a}"][2], slots[f"E(x, y), {a}"][2]
+        assert below == above + 6, a
     paths = figures.save_figure(fig, tmp_path, "weat_fig2")
     assert [p.read_bytes()[:4] for p in paths] == [b"\x89PNG", b"%PDF"]
     # each attack ran on the first n images: its clean histogram uses those same n
-    panels = figures.attack_histogram_panels(sets, ["apgd_t"])
+    panels, _ = figures.attack_histogram_panels(sets, ["apgd_t"])
     clean = panels["E(x), APGD-T"][1]["clean"]
     assert len(clean) == 10 and np.array_equal(clean, sets["clean"]["E_x"][:10])
     without_square = {k: v for k, v in sets.items() if k != "square"}

@@ -165,3 +165,12 @@ def test_evaluate_reruns_when_its_attack_code_changes(params):
     job = Plan(params, "smoke").job("evaluate", profile="smoke", dataset="digits", method="trades", seed=0)
     for module in ("evaluate", "attacks", "autoattack", "histogram_attacks"):
         assert f"src/robust_ebm/{module}.py" in job.inputs
+
+
+def test_snakemake_sees_every_code_file_of_a_stage_folder(params):
+    """A folder input only reruns Snakemake jobs when the folder itself changes, so folders are listed file by file."""
+    job = Plan(params, "smoke").job("metrics", profile="smoke", dataset="digits", method="trades", seed=0)
+    assert "src/robust_ebm/metrics/stage.py" in job.inputs and "src/robust_ebm/metrics" not in job.inputs
+    train = Plan(params, "smoke").job("train", profile="smoke", dataset="digits", method="trades", seed=0)
+    assert "src/robust_ebm/methods/trades.py" in train.inputs
+    assert all((ROOT / p).is_file() for p in job.inputs + train.inputs if p.startswith("src/"))

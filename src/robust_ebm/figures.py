@@ -127,19 +127,26 @@ def _hist_range(arrays, configured: tuple[float, float]) -> tuple[tuple[float, f
 def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]], *, bins: int,
                            range_: tuple[float, float], title: str, max_cols: int = 4,
                            panel_size: tuple[float, float] = (3.8, 3.0)) -> Figure:
-    """Overlaid histograms, one panel per entry of `panels` = {panel title: (x label, {set name: energies})}.
+    """Overlaid histograms, one panel per entry of `panels` = {panel title: (x label, {set name: energies})}
+    in row-major order; an entry None leaves its slot empty.
 
     `range_` is used unless it does not fit the values (`_hist_range`; the panel then says "range from data").
     """
     n_rows, n_cols = _panel_grid(len(panels), max_cols)
     fig = Figure(figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows), layout="constrained")
     colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink"]
-    for i, (panel, (xlabel, sets)) in enumerate(panels.items()):
+    for i, (panel, entry) in enumerate(panels.items()):
+        if entry is None:  # an empty slot that keeps the next row aligned
+            continue
+        xlabel, sets = entry
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         rng, auto = _hist_range(sets.values(), range_)
         for color, (name, values) in zip(colors, sets.items()):
-            ax.hist(np.asarray(values, dtype=float), bins=bins, range=rng, alpha=0.5, color=color,
-                    histtype="stepfilled", label=f"{name} (n {len(values)}, mean {np.nanmean(values):.2f})")
+            values = np.asarray(values, dtype=float)
+            outside = int(np.sum((values < rng[0]) | (values > rng[1])))
+            ax.hist(values, bins=bins, range=rng, alpha=0.5, color=color, histtype="stepfilled",
+                    label=f"{name} (n {len(values)}, mean {np.nanmean(values):.2f}"
+                          + (f", {outside} outside the axis)" if outside else ")"))
         ax.set(title=panel + (" [range from data]" if auto else ""), xlabel=xlabel, ylabel="count")
         ax.legend(fontsize=7)
     fig.suptitle(title)
@@ -151,30 +158,37 @@ def attack_label(name: str) -> str:
     return {"pgd": "PGD-20", **HISTOGRAM_ATTACK_LABELS}.get(name, name)
 
 
-def attack_histogram_panels(sets: dict[str, dict[str, np.ndarray]], attacks: list[str]) -> dict:
-    """Panels of WEAT Fig.2: row E(x), then row E(x,y); one column per attack, clean vs adversarial.
+def attack_histogram_panels(sets: dict[str, dict[str, np.ndarray]], attacks: list[str],
+                            per_row: int = 6) -> tuple[dict, int]:
+    """Panels of WEAT Fig.2 and the number of columns: for each block of up to `per_row` attacks,
+    a row E(x) over a row E(x,y), one column per attack, clean vs adversarial (None = empty slot).
 
     Every attack ran on the first n evaluated images (n = its own length), so the clean
     histogram of its panel is drawn from those same n images.
     """
-    panels = {}
-    for kind, label in (("E_x", "E(x)"), ("E_xy", "E(x, y)")):
-        for a in attacks:
-            adv = sets[a][kind]
-            panels[f"{label}, {attack_label(a)}"] = (label, {"clean": sets["clean"][kind][: len(adv)],
-                                                             "adversarial": adv})
-    return panels
+    blocks = -(-len(attacks) // per_row)
+    cols = -(-len(attacks) // blocks)  # balanced: 8 attacks -> 2 blocks of 4, 11 -> 6 and 5
+    panels: dict = {}
+    for start in range(0, len(attacks), cols):
+        block = attacks[start:start + cols]
+        for kind, label in (("E_x", "E(x)"), ("E_xy", "E(x, y)")):
+            for a in block:
+                adv = sets[a][kind]
+                panels[f"{label}, {attack_label(a)}"] = (label, {"clean": sets["clean"][kind][: len(adv)],
+                                                                 "adversarial": adv})
+            panels.update({f"empty {kind} {start} {i}": None for i in range(cols - len(block))})
+    return panels, cols
 
 
 def plot_attack_histograms(sets: dict[str, dict[str, np.ndarray]], attacks: list[str], *, bins: int,
                            range_: tuple[float, float], title: str) -> Figure:
-    """WEAT Fig.2: 2 rows (E(x), E(x,y)) x one column per attack; clean blue, adversarial red."""
+    """WEAT Fig.2: per block of up to 6 attacks, rows E(x) and E(x,y); clean blue, adversarial red."""
     missing = [a for a in ["clean", *attacks] if a not in sets]
     if missing:
         raise ValueError(f"no energies for {missing}; the evaluate stage's npz holds {sorted(sets)}")
-    wide = len(attacks) > 4
-    return plot_energy_histograms(attack_histogram_panels(sets, attacks), bins=bins, range_=range_, title=title,
-                                  max_cols=len(attacks), panel_size=(3.0, 2.6) if wide else (3.8, 3.0))
+    panels, cols = attack_histogram_panels(sets, attacks)
+    return plot_energy_histograms(panels, bins=bins, range_=range_, title=title, max_cols=cols,
+                                  panel_size=(3.2, 2.6) if cols > 4 else (3.8, 3.0))
 
 
 # ----------------------------------------------------------------------------- dynamics

@@ -28,6 +28,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 PARAMS_FILE = "params.yaml"
@@ -85,6 +86,25 @@ CODE = {
     "figures": ("src/robust_ebm/figures.py", "src/robust_ebm/histogram_attacks.py"),
     "tables": ("src/robust_ebm/tables.py",),
 }
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_files(stage: str) -> tuple[str, ...]:
+    """CODE[stage] with each package folder replaced by the .py files in it.
+
+    Snakemake compares a folder input by the folder's own mtime, which editing a file
+    inside does not change; DVC hashes folder contents, so dvc.yaml keeps the folders.
+    """
+    files: list[str] = []
+    for path in CODE[stage]:
+        folder = PACKAGE_DIR / Path(path).relative_to("src/robust_ebm")
+        if folder.is_dir():
+            files += sorted(f"{path}/{f.relative_to(folder).as_posix()}" for f in folder.rglob("*.py"))
+        else:
+            files.append(path)
+    return tuple(files)
+
+
 # The robust-ebm command line of each stage (architecture.md "Stage command line").
 _HEAD = "robust-ebm {stage} --params {params_file} --profile {profile}"
 _RUN = " --dataset {dataset} --method {method} --seed {seed} --data {data}"
@@ -211,7 +231,7 @@ class Plan:
         return Job(
             stage=stage,
             wildcards=wildcards,
-            inputs=inputs + CODE[stage],
+            inputs=inputs + code_files(stage),
             outputs=tuple(v[k] for k in OUTPUTS[stage]),
             log=v["log"],
             command=shell_command(stage, v, refclf=self.refclf_method is not None),
