@@ -41,7 +41,7 @@ def test_nearest_by_ssim_finds_an_exact_copy_first():
 def test_histogram_range_falls_back_to_the_data_only_when_the_configured_one_misses_it():
     assert figures._hist_range([np.array([-5.0, 0.0, 3.0])], (-40, 20)) == ((-40, 20), False)
     rng, auto = figures._hist_range([np.array([100.0, 120.0, 150.0])], (-40, 20))
-    assert auto and rng[0] < 101 and rng[1] > 149
+    assert auto and rng[0] < 100 and rng[1] > 150  # the full range of the data, padded
     rng, auto = figures._hist_range([np.array([-0.3, -0.2, 0.1])], (-40, 20))  # fills < 10% of the range
     assert auto and rng[1] - rng[0] < 1
 
@@ -51,6 +51,8 @@ def test_histogram_legend_counts_values_outside_the_axis():
     fig = figures.plot_energy_histograms({"p": ("E", values)}, bins=10, range_=(-40, 20), title="t")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == "clean (n 3, mean -0.67)" and labels[1].endswith(", 2 outside the axis)")
+    assert figures._bins_for({"a": np.zeros(100), "b": np.zeros(10_000)}, 200) == 20  # n/5 of the smallest set
+    assert figures._bins_for({"a": np.zeros(10_000)}, 200) == 200 and figures._bins_for({"a": np.zeros(3)}, 200) == 10
 
 
 def test_dynamics_plot_handles_gaps_and_spreads_and_rejects_empty_input():

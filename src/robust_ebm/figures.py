@@ -111,17 +111,23 @@ def plot_landscapes(panels: dict[str, dict], kind: str, title: str) -> Figure:
 
 def _hist_range(arrays, configured: tuple[float, float]) -> tuple[tuple[float, float], bool]:
     """The configured range, unless it holds less than half the values or the values fill less than a
-    tenth of it (a smoke-sized model): then the data's 1-99% range."""
+    tenth of it (a smoke- or mini-sized model): then the data's full range, padded by 5%."""
     values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
     values = values[np.isfinite(values)]
     if values.size == 0:
         return tuple(configured), False
     inside = np.mean((values >= configured[0]) & (values <= configured[1]))
-    lo, hi = np.percentile(values, [1, 99])
+    lo, hi = float(values.min()), float(values.max())
     if inside >= 0.5 and hi - lo >= 0.1 * (configured[1] - configured[0]):
         return tuple(configured), False
     pad = 0.05 * max(hi - lo, 1e-6)
-    return (float(lo - pad), float(hi + pad)), True
+    return (lo - pad, hi + pad), True
+
+
+def _bins_for(sets: dict, bins: int) -> int:
+    """The configured bin count, capped at n/5 of the smallest set (at least 10) so small sets are not spikes."""
+    n = min((len(v) for v in sets.values()), default=0)
+    return max(10, min(bins, n // 5))
 
 
 def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]], *, bins: int,
@@ -130,7 +136,8 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
     """Overlaid histograms, one panel per entry of `panels` = {panel title: (x label, {set name: energies})}
     in row-major order; an entry None leaves its slot empty.
 
-    `range_` is used unless it does not fit the values (`_hist_range`; the panel then says "range from data").
+    `range_` is used unless it does not fit the values (`_hist_range`; the panel then says "range from data");
+    `bins` is capped at n/5 of the panel's smallest set (`_bins_for`; the y label gives the count used).
     """
     n_rows, n_cols = _panel_grid(len(panels), max_cols)
     fig = Figure(figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows), layout="constrained")
@@ -141,13 +148,15 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
         xlabel, sets = entry
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         rng, auto = _hist_range(sets.values(), range_)
+        panel_bins = _bins_for(sets, bins)
         for color, (name, values) in zip(colors, sets.items()):
             values = np.asarray(values, dtype=float)
             outside = int(np.sum((values < rng[0]) | (values > rng[1])))
-            ax.hist(values, bins=bins, range=rng, alpha=0.5, color=color, histtype="stepfilled",
+            ax.hist(values, bins=panel_bins, range=rng, alpha=0.5, color=color, histtype="stepfilled",
                     label=f"{name} (n {len(values)}, mean {np.nanmean(values):.2f}"
                           + (f", {outside} outside the axis)" if outside else ")"))
-        ax.set(title=panel + (" [range from data]" if auto else ""), xlabel=xlabel, ylabel="count")
+        ax.set_title(panel + (" [range from data]" if auto else ""), fontsize=8 if n_cols > 4 else 10)
+        ax.set(xlabel=xlabel, ylabel=f"count ({panel_bins} bins)")
         ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
