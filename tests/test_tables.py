@@ -72,11 +72,22 @@ def test_mean_std_and_diff_land_in_the_right_cells(profile, results):
 
 def test_diff_is_ours_minus_paper_on_the_same_data_set(profile, results, monkeypatch):
     monkeypatch.setitem(tables.PAPER_DATASETS, "CIFAR-10", "digits")
+    monkeypatch.setattr(tables, "architecture_name", lambda cfg: "WRN-28-10")  # JEAT Tab1's network
     t = build("JEAT_Tab1", profile, results)
     paper = row(t, "CIFAR-10", "standard_training")["paper"]["accuracy_no_attack"]
     assert f"| {60.0 - paper:.2f} |" in tables.to_markdown(t)
     line = next(csv.DictReader(io.StringIO(tables.to_csv(t))))
     assert float(line["accuracy_no_attack_diff"]) == pytest.approx(60.0 - paper, abs=1e-3)
+
+
+def test_no_diff_against_a_row_that_states_another_architecture(profile, results, monkeypatch):
+    monkeypatch.setitem(tables.PAPER_DATASETS, "CIFAR-10", "digits")
+    t = build("JEAT_Tab1", profile, results)   # smoke trains a tiny CNN, the paper a WRN-28-10
+    r = row(t, "CIFAR-10", "standard_training")
+    assert r["diff_blocked"] == "n/a: ours tiny CNN, paper WRN-28-10" and r["label"]["ours"] == "digits/standard (tiny CNN)"
+    assert "n/a: ours tiny CNN, paper WRN-28-10" in tables.to_markdown(t)
+    assert tables._diff_blocked("SVHN", "svhn", "ResNet-18 (assumed)", "ResNet-18") is None
+    assert tables._diff_blocked("SVHN", "svhn", "unknown", "WRN-16-2") is None  # nothing stated to differ
 
 
 def test_external_baselines_and_unknown_values_say_why(profile, results):

@@ -55,6 +55,13 @@ class ModelConfig(Strict):
         return self
 
 
+def architecture_name(cfg: ModelConfig) -> str:
+    """The name papers use for the architecture: 'WRN-28-10', 'ResNet-18', 'PreAct ResNet-18', 'tiny CNN'."""
+    if cfg.arch == "wrn":
+        return f"WRN-{cfg.depth}-{cfg.width}"
+    return {"resnet18": "ResNet-18", "preact_resnet18": "PreAct ResNet-18", "tiny_cnn": "tiny CNN"}[cfg.arch]
+
+
 class Classifier(nn.Module):
     """Images in [0,1] -> logits. forward(x) = fc(features(x))."""
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from .models import architecture_name
+
 # Paper method name -> (our method key | None, note). None: an external baseline we do not train.
 METHODS: dict[str, tuple[str | None, str]] = {
     "standard_training": ("standard", ""), "Normal": ("standard", ""),
@@ -85,6 +87,8 @@ GENERATORS = {
 }
 DEFAULT_GENERATOR = "jeat_eq16"  # JEAT Fig.4: the "original" generation of a classifier
 PAPER_DATASET_STANDIN = {"sklearn_digits": "smoke stand-in"}
+# Architectures the papers' rows name exactly; a row that states one is only diffed against the same.
+KNOWN_ARCHITECTURES = {"WRN-28-10", "WRN-34-10", "ResNet-18", "PreAct ResNet-18"}
 
 
 def load_paper_records() -> list[dict]:
@@ -182,6 +186,16 @@ PAPER_DATASETS = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "SVHN": "svhn"
                   "Tiny-ImageNet": "tinyimagenet", "ImageNet-subset-64x64": "imagenet64"}
 
 
+def _diff_blocked(dataset: str, ours_dataset: str, paper_arch: str, ours_arch: str) -> str | None:
+    """Why ours - paper would compare unlike things (another data set, or another stated architecture), else None."""
+    if ours_dataset != PAPER_DATASETS.get(dataset):
+        return f"n/a: ours on {ours_dataset}, paper on {dataset}"
+    stated = paper_arch.removesuffix(" (assumed)")
+    if stated in KNOWN_ARCHITECTURES and stated != ours_arch:
+        return f"n/a: ours {ours_arch}, paper {stated}"
+    return None
+
+
 @dataclass
 class Table:
     paper: str
@@ -244,12 +258,12 @@ def build_table(paper: str, table_id: str, records: list[dict], profile, results
         notes = sorted(row["notes"]) + ([method_note] if method_note and ours_method else [])
         if ours_method and any(m in STAND_INS or "generated" in m for m in metrics):
             notes.append(f"samples: {generator}")
+        ours_arch = None if why else architecture_name(profile.models[profile.method(ours_dataset, ours_method).model])
         out_rows.append({
             "label": {"dataset": dataset, "method": method, "architecture": arch,
-                      "ours": f"{ours_dataset}/{ours_method}" if not why else "-"},
+                      "ours": f"{ours_dataset}/{ours_method} ({ours_arch})" if not why else "-"},
             "paper": row["paper"], "units": row["units"], "ours": ours, "notes": "; ".join(notes),
-            "diff_blocked": (None if why or ours_dataset == PAPER_DATASETS.get(dataset)
-                             else f"n/a: ours on {ours_dataset}, paper on {dataset}"),
+            "diff_blocked": None if why else _diff_blocked(dataset, ours_dataset, arch, ours_arch),
         })
     caption = _caption(paper, table_id, records[0].get("caption_summary", ""), profile, rows, dataset_notes)
     return Table(paper, table_id, caption, metrics + stand_ins, out_rows)
