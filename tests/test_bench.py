@@ -2,7 +2,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from robust_ebm.bench import format_bench, main, run_bench
+from robust_ebm.bench import format_bench, run_bench
+from robust_ebm.cli import cmd_bench
 from robust_ebm.config import MethodConfig
 from robust_ebm.models import ModelConfig
 
@@ -20,7 +21,7 @@ def test_run_bench_reports_speed_and_memory_per_method():
                "pgd_at": method("pgd_at", attack={"steps": 2}),
                "sam": method("standard", optim={"name": "sam", "lr": 0.1, "sam_rho": 0.5})}
     rows = run_bench(methods, TINY, batch=8, device="cpu", steps=2, warmup=1, image_shape=(3, 16, 16))
-    assert [r["method"] for r in rows] == list(methods)
+    assert [r["method"] for r in rows] == list(methods) and {r["arch"] for r in rows} == {"tiny CNN"}
     for r in rows:
         assert r["images_per_s"] > 0 and r["ms_per_step"] > 0
         assert r["images_per_s"] == pytest.approx(8 * 1000 / r["ms_per_step"])
@@ -34,9 +35,9 @@ def test_bench_rejects_bad_arguments():
         run_bench({"standard": method("standard")}, TINY, batch=8, device="cpu", steps=0)
 
 
-def test_main_rejects_unknown_method():
+def test_cli_rejects_unknown_method():
     from pathlib import Path
     args = SimpleNamespace(params=str(Path(__file__).resolve().parents[1] / "params.yaml"), profile="smoke",
                            methods=["nope"], model=None, batch=4, device="cpu", steps=1, warmup=0)
     with pytest.raises(ValueError, match="unknown method"):
-        main(args)
+        cmd_bench(args)
