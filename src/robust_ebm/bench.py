@@ -12,6 +12,7 @@ is an upper bound on the tensors' needs).
 from __future__ import annotations
 
 import os
+import statistics
 import threading
 import time
 from typing import Mapping
@@ -70,7 +71,7 @@ def _sync(device: torch.device) -> None:
 
 def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps: int, warmup: int,
                  num_classes: int = 10, image_shape=(3, 32, 32), precision: str = "auto", seed: int = 0) -> dict:
-    """Time `steps` training steps of one method after `warmup` untimed ones."""
+    """Time `steps` training steps of one method after `warmup` untimed ones; images/s from the median step."""
     device = pick_device(device) if isinstance(device, str) else device
     data_cfg = method_cfg.data.model_copy(update={"batch_size": batch, "px_batch_size": batch
                                                   if method_cfg.data.px_batch_size is not None else None})
@@ -94,18 +95,21 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
+    times = []
     with _PeakRSS() as rss:
-        tic = time.perf_counter()
         for _ in range(steps):
+            tic = time.perf_counter()
             step()
-        _sync(device)
-        seconds = time.perf_counter() - tic
+            _sync(device)
+            times.append(time.perf_counter() - tic)
+    seconds = statistics.median(times)  # robust to a step hit by page faults or a busy neighbour
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) - base, "cuda_max_allocated"
     else:
         peak, kind = rss.delta, "cpu_rss_delta"
-    return {"method": name, "loss": method_cfg.loss, "images_per_s": steps * batch / seconds,
-            "ms_per_step": 1000 * seconds / steps, "peak_mem_mb": None if peak is None else peak / 2**20,
+    return {"method": name, "loss": method_cfg.loss, "images_per_s": batch / seconds,
+            "ms_per_step": 1000 * seconds, "ms_per_step_mean": 1000 * statistics.fmean(times),
+            "peak_mem_mb": None if peak is None else peak / 2**20,
             "mem_kind": kind, "device": str(device), "precision": prec, "batch": batch, "steps": steps,
             "arch": architecture_name(model_cfg)}
 
@@ -136,7 +140,7 @@ def format_bench(rows: list[dict]) -> str:
     if not rows:
         return "(no methods)"
     head = f"{'method':<16}{'arch':<16}{'images/s':>10}{'ms/step':>10}{'peak MiB':>10}  {'memory kind':<20} precision"
-    lines = [f"bench on {rows[0]['device']}, batch {rows[0]['batch']}, {rows[0]['steps']} timed steps, random data",
+    lines = [f"bench on {rows[0]['device']}, batch {rows[0]['batch']}, median of {rows[0]['steps']} timed steps, random data",
              head, "-" * len(head)]
     for r in rows:
         mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
