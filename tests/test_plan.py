@@ -174,3 +174,13 @@ def test_snakemake_sees_every_code_file_of_a_stage_folder(params):
     train = Plan(params, "smoke").job("train", profile="smoke", dataset="digits", method="trades", seed=0)
     assert "src/robust_ebm/methods/trades.py" in train.inputs
     assert all((ROOT / p).is_file() for p in job.inputs + train.inputs if p.startswith("src/"))
+
+
+def test_moving_the_data_root_reruns_nothing(params, monkeypatch):
+    """A new location of the same data (ROBUST_EBM_DATA_ROOT, paths.data_root) must not rerun a profile."""
+    before = Plan(params, "paper").settings("data", dataset="cifar10")
+    monkeypatch.setenv("ROBUST_EBM_DATA_ROOT", "/somewhere/else")
+    assert Plan(params, "paper").settings("data", dataset="cifar10") == before
+    changed = params.model_copy(deep=True)
+    changed.datasets["cifar10"] = changed.datasets["cifar10"].model_copy(update={"n_train": 123})
+    assert Plan(changed, "paper").settings("data", dataset="cifar10") != before  # a real setting still counts

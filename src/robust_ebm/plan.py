@@ -278,8 +278,8 @@ class Plan:
     def settings(self, stage: str, **wildcards) -> str:
         """A digest of the resolved settings a job reads (Snakemake `params:` rerun trigger)."""
         c = self.config
-        if stage == "data":
-            payload: Any = c.dataset(wildcards["dataset"])
+        if stage == "data":  # where the files are read from is not a setting of the result (data.json records it)
+            payload: Any = c.dataset(wildcards["dataset"]).model_dump(mode="json", exclude={"root"})
         elif stage in RUN_STAGES:
             run = c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])).to_dict()
             run["dataset"].pop("root")  # where data is read from is not a setting of the result
@@ -338,7 +338,7 @@ def params_keys(stage: str, wildcards: dict[str, Any]) -> tuple[str, ...]:
     w = {k: str(v) for k, v in wildcards.items()}
     common = (f"profiles.{w['profile']}",)
     if stage == "data":
-        return (f"datasets.{w['dataset']}", "paths.data_root", *common)
+        return (f"datasets.{w['dataset']}", *common)  # not paths.data_root: where data sits is no setting
     if stage == "train":
         return (f"datasets.{w['dataset']}", f"methods.{w['method']}", "dataset_methods", "models", "training", *common)
     if stage == "evaluate":
