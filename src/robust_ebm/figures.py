@@ -157,7 +157,8 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
                           + (f", {outside} outside the axis)" if outside else ")"))
         ax.set_title(panel + (" [range from data]" if auto else ""), fontsize=8 if n_cols > 4 else 10)
         ax.set(xlabel=xlabel, ylabel=f"count ({panel_bins} bins)")
-        ax.legend(fontsize=7)
+        below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.3)} if len(sets) > 2 else {}
+        ax.legend(fontsize=7, **below)  # more than clean-vs-adversarial: below the axes, not over the bars
     fig.suptitle(title)
     return fig
 
