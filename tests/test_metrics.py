@@ -289,6 +289,20 @@ def call_stage(run, d, tracker=None):
                          d / "out" / "m.json", tracker=tracker)
 
 
+def test_refclf_reference_stats_computed_once_give_the_same_numbers():
+    from robust_ebm.metrics.refclf import refclf_reference_stats
+    model = tiny_classifier(0)
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(12) % 3
+    reference = torch.randint(0, 256, (20, 1, 8, 8), dtype=torch.uint8, generator=g)
+    direct = refclf_metrics(model, images, labels, reference, splits=2)
+    shared = refclf_metrics(model, images, labels, ref_stats=refclf_reference_stats(model, reference), splits=2)
+    assert shared == pytest.approx(direct) and shared["n_ref"] == 20
+    with pytest.raises(ValueError, match="either"):
+        refclf_metrics(model, images, labels, splits=2)
+
+
 def test_stage_without_inception_weights_writes_refclf_and_the_absence(run_files, offline):
     run, d = run_files
     logged = []

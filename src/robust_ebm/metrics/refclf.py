@@ -42,26 +42,38 @@ def classifier_outputs(model, images: torch.Tensor, *, batch_size: int = 256, de
     return torch.cat(feats), torch.cat(probs)
 
 
+def refclf_reference_stats(model, reference: torch.Tensor, *, batch_size: int = 256) -> tuple:
+    """(mu, sigma, n) of the reference images' refclf features: computed once per stage, shared by all generators."""
+    ref_feats, _ = classifier_outputs(model, reference, batch_size=batch_size, desc="refclf (reference)")
+    return (*feature_stats(ref_feats), len(reference))
+
+
 def refclf_metrics(
     model,
     images: torch.Tensor,
     labels: torch.Tensor,
-    reference: torch.Tensor,
+    reference: torch.Tensor | None = None,
     *,
+    ref_stats: tuple | None = None,
     splits: int = 10,
     batch_size: int = 256,
 ) -> dict:
-    """{"fid_refclf", "is_refclf", "is_std_refclf", "class_consistency_refclf", "n", "n_ref"}."""
+    """{"fid_refclf", "is_refclf", "is_std_refclf", "class_consistency_refclf", "n", "n_ref"}.
+
+    The reference set is given as images (`reference`) or as their `refclf_reference_stats` (`ref_stats`).
+    """
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} generated images but {len(labels)} labels")
+    if (reference is None) == (ref_stats is None):
+        raise ValueError("give the reference set either as images (reference) or as refclf_reference_stats (ref_stats)")
+    mu, sigma, n_ref = ref_stats if ref_stats is not None else refclf_reference_stats(model, reference, batch_size=batch_size)
     feats, probs = classifier_outputs(model, images, batch_size=batch_size, desc="refclf (samples)")
-    ref_feats, _ = classifier_outputs(model, reference, batch_size=batch_size, desc="refclf (reference)")
     is_mean, is_std = inception_score_from_probs(probs, min(splits, len(images)))
     return {
-        "fid_refclf": frechet_distance_to_stats(feats, *feature_stats(ref_feats)),
+        "fid_refclf": frechet_distance_to_stats(feats, mu, sigma),
         "is_refclf": is_mean,
         "is_std_refclf": is_std,
         "class_consistency_refclf": (probs.argmax(1) == labels.cpu()).double().mean().item(),
         "n": len(images),
-        "n_ref": len(reference),
+        "n_ref": n_ref,
     }

@@ -35,7 +35,7 @@ from .inception import (
     reference_stats,
     resolve_inception_weights,
 )
-from .refclf import refclf_metrics
+from .refclf import refclf_metrics, refclf_reference_stats
 
 EVAL_SET_SUFFIXES = ("_marginal", "_joint")
 
@@ -147,9 +147,11 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         result["inception"] = {"status": "unavailable", "reason": str(err)}
 
     self_referenced = cfg.refclf.enabled and _same_file(refclf_path, model_path)
-    refclf = None
+    refclf, refclf_ref = None, None
     if cfg.refclf.enabled and not self_referenced:
         refclf = load_classifier(refclf_path, map_location=device)[0].to(device).eval()
+        if samples:  # the reference features are the same for every generator: once per stage
+            refclf_ref = refclf_reference_stats(refclf, reference, batch_size=cfg.batch_size)
     sets = dict(eval_sets)
     sample_energies = {}
     for name, (images, labels) in samples.items():
@@ -159,7 +161,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
                                         seed=run.seed, batch_size=cfg.batch_size))
         if refclf is not None:
             idx = _subset(len(images), min(cfg.inception.n_uniform, len(images)), run.seed)
-            entry["refclf"] = refclf_metrics(refclf, images[idx], labels[idx], reference,
+            entry["refclf"] = refclf_metrics(refclf, images[idx], labels[idx], ref_stats=refclf_ref,
                                              splits=cfg.inception.splits, batch_size=cfg.batch_size)
         elif self_referenced:
             entry["refclf"] = {"status": SELF_REFERENCED}
