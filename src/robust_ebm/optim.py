@@ -146,6 +146,11 @@ class LRSchedule:
             raise ValueError("steps_per_epoch must be >= 1 (is the training split smaller than one batch?)")
         self.optimizer = base_optimizer(optimizer)
         self.warmup_iters = cfg.warmup_iters
+        first_decay = min(cfg.milestones, default=None) if cfg.name == "multistep" else None
+        if first_decay is not None and cfg.warmup_iters >= first_decay * steps_per_epoch:
+            raise ValueError(f"schedule.warmup_iters={cfg.warmup_iters} reaches the first milestone (epoch {first_decay} "
+                             f"= iteration {first_decay * steps_per_epoch}) and : JEM's "
+                             "warm-up statement would override that decay, which is not modelled; lower warmup_iters")
         self.step_count, self.scale = 0, 1.0
         if cfg.name == "onecycle":
             max_lrs = [g["lr"] for g in self.optimizer.param_groups]
