@@ -149,7 +149,7 @@ class LRSchedule:
         first_decay = min(cfg.milestones, default=None) if cfg.name == "multistep" else None
         if first_decay is not None and cfg.warmup_iters >= first_decay * steps_per_epoch:
             raise ValueError(f"schedule.warmup_iters={cfg.warmup_iters} reaches the first milestone (epoch {first_decay} "
-                             f"= iteration {first_decay * steps_per_epoch}) and : JEM's "
+                             f"= iteration {first_decay * steps_per_epoch}): JEM's "
                              "warm-up statement would override that decay, which is not modelled; lower warmup_iters")
         self.step_count, self.scale = 0, 1.0
         if cfg.name == "onecycle":

@@ -44,8 +44,11 @@ BATCH, SHAPE = 8, (3, 8, 8)
 NOISE_SEED = 7
 
 
-def initial_weights() -> dict[str, torch.Tensor]:
-    """Seeded float64 weights with non-trivial BatchNorm affine parameters and running statistics."""
+def initial_weights(fc_scale: float = 150.0) -> dict[str, torch.Tensor]:
+    """Seeded float64 weights with non-trivial BatchNorm affine parameters and running statistics.
+
+    fc_scale: the classifier weights are multiplied by it, for confident, input-sensitive logits (MART's
+    1.0000001 and 1e-12 constants then change the loss by more than 1e-8)."""
     with float64():
         torch.manual_seed(0)
         model = tiny_resnet()
@@ -57,7 +60,7 @@ def initial_weights() -> dict[str, torch.Tensor]:
                 base = 1.0 if name.endswith("weight") else 0.0
                 t.copy_(base + 0.2 * torch.randn(t.shape, generator=g, dtype=t.dtype))
             elif name.startswith("fc."):
-                t.mul_(40.0)   # confident, input-sensitive logits: the references' 1e-12 / 1.0000001 constants then show above 1e-8
+                t.mul_(fc_scale)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -387,7 +390,7 @@ def gen_pgd_cw(mail: Reference) -> Path:
     """MAIL train.py _pgd_whitebox(loss_fn='cw'): PGD-20 on -relu(f_y - max_{j≠y} f_j + 50), uniform start."""
     settings = {"epsilon": float(argparse_defaults(mail.root / "train.py")["epsilon"]), "num_steps": 20,
                 "step_size": 0.003}
-    weights = initial_weights()
+    weights = initial_weights(fc_scale=40.0)   # no wrong class leads by cwloss' confidence 50 (train.py:141)
     x, y = batch()
     noise = uniform_start(x.shape, settings["epsilon"])
     with float64(), cpu_cuda():
