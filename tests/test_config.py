@@ -228,8 +228,13 @@ def test_unknown_names_at_resolution(params):
 
 
 def test_selection_window_must_fit_the_schedule(raw):
-    msg = invalid(raw, lambda d: d["methods"]["weat_adv"]["schedule"].update(epochs=50))
-    assert "methods.weat_adv" in msg and "select.from_epoch=90" in msg
+    msg = invalid(raw, lambda d: d["methods"]["pgd_at"]["schedule"].update(epochs=50))
+    assert "methods.pgd_at" in msg and "select.from_epoch=90" in msg
+
+
+def test_training_on_the_holdout_forbids_selecting_on_it(raw):
+    msg = invalid(raw, lambda d: d["methods"]["trades"]["select"].update(rule="best_val_pgd"))
+    assert "methods.trades" in msg and "data.holdout is false" in msg and "select.rule: last" in msg
 
 
 # ---------------------------------------------------------------- per-dataset method settings
@@ -286,8 +291,8 @@ def test_dataset_methods_values_are_validated_per_pair(raw):
     msg = invalid(raw, lambda d: d.update(dataset_methods={"svhn": {"trades": {"model": "wrn99"}}}))
     assert "dataset_methods.svhn.trades.model" in msg and "'resnet18'" in msg
     msg = invalid(raw, lambda d: d["profiles"]["paper"]["overrides"]["dataset_methods"]["svhn"].update(
-        weat_adv={"schedule": {"epochs": 50}}))
-    assert "profile 'paper'" in msg and "dataset_methods.svhn.weat_adv" in msg and "select.from_epoch=90" in msg
+        weat_adv={"select": {"rule": "best_val_pgd"}}))
+    assert "profile 'paper'" in msg and "dataset_methods.svhn.weat_adv" in msg and "data.holdout is false" in msg
 
 
 def test_run_names_unknown_datasets(params):

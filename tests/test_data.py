@@ -14,7 +14,7 @@ from PIL import Image
 from robust_ebm.config import DatasetConfig, params_from_dict
 from robust_ebm.data import (
     JPEG_CIFAR_NOTE, DataUnavailableError, TensorSplit, class_stats, load_prepared, load_splits, make_loader,
-    n_components_for_variance, prepare_stage, random_crop, read_image_folder, split_train_valid,
+    n_components_for_variance, prepare_stage, random_crop, read_image_folder, split_train_valid, training_split,
 )
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -170,6 +170,26 @@ def test_crop_and_flip_are_true_crops_of_the_padded_image():
     flipped, _ = next(iter(loader))
     ref = (x * 255).to(torch.uint8).float() / 255
     assert all(torch.equal(flipped[b], ref[b]) or torch.equal(flipped[b], ref[b].flip(2)) for b in range(6))
+
+
+def test_zero_padded_crop_is_torchvisions_random_crop():
+    """crop_padding 'zeros' = transforms.RandomCrop(32, padding=4) (TRADES/MART/MAIL/WEAT): the border is 0."""
+    x = torch.rand(64, 3, 8, 8) + 0.5
+    out = random_crop(x, 4, torch.Generator().manual_seed(0), padding="zeros")
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    for b in range(64):
+        crops = [padded[b, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        assert any(torch.equal(out[b], c) for c in crops)
+    assert (out == 0).any() and not (random_crop(x, 4, torch.Generator().manual_seed(0)) == 0).any()
+    with pytest.raises(ValueError, match="crop_padding must be one of"):
+        make_loader(TensorSplit(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(2)), 2, crop_padding="edge")
+
+
+def test_training_split_with_and_without_holdout(tiny_splits):
+    assert training_split(tiny_splits, holdout=True) is tiny_splits.train
+    full = training_split(tiny_splits, holdout=False)
+    assert len(full) == len(tiny_splits.train) + len(tiny_splits.valid)
+    assert torch.equal(full.images[len(tiny_splits.train):], tiny_splits.valid.images)
 
 
 # ---------------------------------------------------------------- class statistics

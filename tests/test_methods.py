@@ -89,16 +89,16 @@ def reference_loss(loss, model, p, params, epoch):
         adv_probs = F.softmax(f["x_adv"], 1)
         top2 = torch.argsort(adv_probs, 1)[:, -2:]
         new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
-        loss_adv = F.cross_entropy(f["x_adv"], y) + F.nll_loss(torch.log(1.0001 - adv_probs), new_y)
+        loss_adv = F.cross_entropy(f["x_adv"], y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), new_y)
         true_probs = F.softmax(f["x"], 1)[torch.arange(B), y]
-        return loss_adv + 6.0 * (kl * (1 - true_probs)).sum() / B
+        return loss_adv + 5.0 * (kl * (1.0000001 - true_probs)).sum() / B
     if loss == "mail_tr":
-        if epoch < params["warmup_epochs"]:
+        if epoch <= params["warmup_epochs"]:
             return ce + 5.0 * kl.sum() / B
         probs = F.softmax(f["x_adv"], 1).detach()
         p_true = probs[torch.arange(B), y]
         p_2nd = torch.stack([max(probs[i, k] for k in range(K) if k != y[i]) for i in range(B)])
-        w = 3 * torch.sigmoid(1.0 * (p_2nd - p_true - 1.5))
+        w = 3 * torch.sigmoid(2.0 * (p_2nd - p_true + 0.0))
         return ce + 5.0 * (w * kl).sum() / B
     if loss == "weat":
         w = 1 / torch.log(1 + torch.exp(lse(f["x"]).detach().abs()))
@@ -116,7 +116,7 @@ def reference_loss(loss, model, p, params, epoch):
 
 
 CASES = [(name, {}, 0) for name in REGISTRY if name not in ("mail_tr", "weat")] + [
-    ("mail_tr", {"warmup_epochs": 3}, 2), ("mail_tr", {"warmup_epochs": 3}, 3),
+    ("mail_tr", {"warmup_epochs": 3}, 3), ("mail_tr", {"warmup_epochs": 3}, 4),
     ("weat", {"variant": "nat"}, 0), ("weat", {"variant": "adv", "beta": 7.0}, 0),
 ]
 
@@ -170,10 +170,10 @@ def test_weat_weights_are_detached_inverse_softplus_energy():
 def test_mail_switches_at_warmup():
     model, p = make_model(), prepared_inputs()
     mail, trades = make_method("mail_tr", {"warmup_epochs": 4, "beta": 6.0}), make_method("trades")
-    assert mail.loss(model, p, epoch=3).loss == trades.loss(model, p, epoch=3).loss
-    assert mail.loss(model, p, epoch=3).terms["w_mean"] == 1.0
-    after = mail.loss(model, p, epoch=4)
-    assert after.loss != trades.loss(model, p, epoch=4).loss
+    assert mail.loss(model, p, epoch=4).loss == trades.loss(model, p, epoch=4).loss
+    assert mail.loss(model, p, epoch=4).terms["w_mean"] == 1.0
+    after = mail.loss(model, p, epoch=5)
+    assert after.loss != trades.loss(model, p, epoch=5).loss
     assert 0 < after.terms["w_mean"] < 3
 
 

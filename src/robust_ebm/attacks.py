@@ -1,7 +1,8 @@
 """Gradient attacks on [0,1] images: FGSM and PGD (L∞, L2) on CE, energy, KL and MART objectives.
 
 PGD (Madry et al.) ascends a per-sample objective J(x') over the ε-ball
-around x intersected with the pixel box [0,1]:
+around x intersected with the pixel box [0,1], from x' = x + δ0 (clipped by Π
+unless `clamp_start` is false, as in the TRADES-family codes):
 
     L∞:  x' <- Π(x' + α · sign(∇J))           Π = clip to [x-ε, x+ε], then to [0,1]
     L2:  x' <- Π(x' + α · ∇J / ||∇J||₂)       Π = rescale δ to ||δ||₂ <= ε, then clip to [0,1]
@@ -11,7 +12,7 @@ Objectives (all built from `robust_ebm.energy`, all ascended):
 - 'joint_energy'    E(x', y)                          (JEAT Eq. 18; targeted: -E(x', t))
 - 'marginal_energy' E(x')
 - 'kl'              KL(p(.|x) || p(.|x'))             (TRADES; p(.|x) computed once)
-- 'mart'            CE(x', y) - log(1.0001 - p(ŷ|x')), ŷ = most likely wrong class (MART)
+- 'mart'            CE(x', y) - log(1.0001 - p(ŷ|x') + 1e-12), ŷ = most likely wrong class (MART's BCE)
 - 'cw_margin'       max_{j≠y} f(x')[j] - f(x')[y] = E(x',y) - min_{j≠y} E(x',j)   (Carlini-Wagner margin;
                     L∞ PGD on it is the "CW∞" of Madry/TRADES-style evaluations, see `cw_margin`)
 
@@ -43,6 +44,10 @@ class AttackConfig(Strict):
     restarts: int = Field(1, ge=1)
     random_start: Literal["none", "uniform", "normal"] = "uniform"
     start_std: Fraction = Field(0.001, ge=0.0, description="std of the 'normal' start (TRADES: 0.001)")
+    clamp_start: bool = Field(True, description="clip the random start to the pixel box (and ball) before the first "
+                                                "gradient (Madry's LinfStep.random_perturb); false: the first gradient "
+                                                "is taken at the raw x + δ0 (TRADES trades.py:31, MART, MAIL, WEAT, "
+                                                "and every _pgd_whitebox evaluation)")
     objective: Literal["ce", "joint_energy", "marginal_energy", "kl", "mart", "cw_margin"] = "ce"
     targeted: bool = False
     project: bool = Field(True, description="project to the eps-ball every step (EB-JDAT's code does not)")
@@ -63,12 +68,13 @@ def runner_up(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def mart_boosted_ce(logits: Tensor, y: Tensor) -> Tensor:
-    """MART's adversarial BCE term: CE(x,y) - log(1.0001 - p(ŷ|x)), ŷ = argmax_{k≠y} f(x)[k].
+    """MART's adversarial BCE term: CE(x,y) - log(1.0001 - p(ŷ|x) + 1e-12), ŷ = argmax_{k≠y} f(x)[k]
+    (MART mart.py:44-48, constants included).
 
     p(ŷ|x) = exp(-CE(x, ŷ)) in energy form.
     """
     p_wrong = torch.exp(-cross_entropy(logits, runner_up(logits, y)))
-    return cross_entropy(logits, y) - torch.log(1.0001 - p_wrong)
+    return cross_entropy(logits, y) - torch.log(1.0001 - p_wrong + 1e-12)
 
 
 def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -181,7 +187,9 @@ def _success(logits: Tensor, y: Tensor, target: Tensor | None, objective: str) -
 
 
 def _pgd_run(model, x, y, cfg, logits_nat, target, generator) -> Tensor:
-    x_adv = _constrain(x + _random_start(x, cfg, generator), x, cfg)
+    x_adv = x + _random_start(x, cfg, generator)
+    if cfg.clamp_start:
+        x_adv = _constrain(x_adv, x, cfg)
     for _ in range(cfg.steps):
         x_adv.requires_grad_(True)
         value = objective_value(cfg.objective, model(x_adv), y, logits_nat, target).sum()
@@ -245,4 +253,5 @@ def describe(cfg: AttackConfig) -> str:
         f"{cfg.norm} PGD-{cfg.steps} on {cfg.objective}, eps {cfg.eps * 255:.4g}/255, "
         f"step {cfg.step * 255:.4g}/255 pixel units, {start}, {cfg.restarts} restart(s)"
         f"{'' if cfg.project else ', no projection to the eps-ball'}"
+        f"{'' if cfg.clamp_start or cfg.random_start == 'none' else ', start not clipped'}"
     )

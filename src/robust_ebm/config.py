@@ -133,6 +133,13 @@ class DataConfig(Strict):
     noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2), not clamped (JEM 0.03; noise injection)")
     px_augment: Augment | None = Field(None, description="augmentation of the p(x) stream; null: same as augment")
     px_noise_std: Fraction | None = Field(None, ge=0.0, description="noise of the p(x) stream; null: same as noise_std")
+    crop_padding: Literal["reflect", "zeros"] = Field(
+        "reflect", description="padding of crop_flip's 4-px crop: reflect (JEM family: tr.Pad(4, padding_mode='reflect')) "
+                               "or zeros (TRADES/MART/MAIL/WEAT: transforms.RandomCrop(32, padding=4))")
+    holdout: bool = Field(True, description="train without the data set's n_valid held-out images (JEM, JEM++); "
+                                            "false: train on all training images (TRADES, MART, MAIL, WEAT), select.rule must be 'last'")
+    drop_last: bool = Field(True, description="drop the last partial batch of an epoch (JEM family); false: keep it "
+                                              "(torch DataLoader default, TRADES/MART/MAIL/WEAT)")
 
 
 class OptimConfig(Strict):
@@ -158,7 +165,8 @@ class ScheduleConfig(Strict):
 
     name: Literal["constant", "multistep", "cosine", "onecycle"]
     epochs: int = Field(ge=1)
-    milestones: list[int] = Field(default_factory=list, description="epochs where lr *= gamma (multistep)")
+    milestones: list[int] = Field(default_factory=list, description="0-based epochs from which lr *= gamma once more "
+                                  "(multistep; torch MultiStepLR stepped per epoch; a 1-based `epoch >= m` is milestone m - 1)")
     gamma: float = Field(0.1, gt=0.0, le=1.0)
     warmup_iters: int = Field(0, ge=0, description="linear warm-up from 0 (JEM family: 1000)")
     pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of steps spent rising")
@@ -213,6 +221,9 @@ class MethodConfig(Strict):
 
     @model_validator(mode="after")
     def _check_selection_window(self):
+        if not self.data.holdout and self.select.rule != "last":
+            raise ValueError(f"data.holdout is false (the validation images are trained on), so select.rule "
+                             f"'{self.select.rule}' would select on training images; set select.rule: last or data.holdout: true")
         if self.select.from_epoch >= self.schedule.epochs:
             raise ValueError(f"select.from_epoch={self.select.from_epoch} is not below schedule.epochs={self.schedule.epochs}: "
                              "no epoch could be selected; lower select.from_epoch")

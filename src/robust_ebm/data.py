@@ -126,6 +126,15 @@ def split_train_valid(train: TensorSplit, n_valid: int, seed: int, *, n_train: i
     return train.subset(train_idx.sort().values), train.subset(valid_idx)
 
 
+def training_split(splits: Splits, holdout: bool) -> TensorSplit:
+    """The images a method trains on: `splits.train` (holdout, JEM/JEM++: 45k of CIFAR's 50k), or train and
+    valid together (TRADES, MART, MAIL, WEAT train on all 50k; their selection is then the last epoch)."""
+    if holdout or len(splits.valid) == 0:
+        return splits.train
+    return TensorSplit(torch.cat([splits.train.images, splits.valid.images]),
+                       torch.cat([splits.train.labels, splits.valid.labels]))
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -252,16 +261,19 @@ def read_image_folder(folder: str | Path, *, channels: int = 3, image_size: int 
 class TensorLoader:
     """Batches (x, y) of float [0,1] images from an in-memory split, augmented on the batch.
 
-    augment: 'crop_flip' = random 32x32-style crop of the reflect-padded (4 px) image + horizontal flip
-    (p=0.5); 'flip' = flip only; 'none'. noise_std > 0 adds N(0, noise_std^2) without clamping (JEM).
+    augment: 'crop_flip' = random 32x32-style crop of the 4-px padded image (`crop_padding` 'reflect' or
+    'zeros', see `random_crop`) + horizontal flip (p=0.5); 'flip' = flip only; 'none'. noise_std > 0 adds N(0, noise_std^2) without clamping (JEM).
     All randomness comes from `generator` (CPU), so a seeded generator gives the same batches.
     """
 
     def __init__(self, split: TensorSplit, batch_size: int, *, augment: str = "none", noise_std: float = 0.0,
                  shuffle: bool = True, drop_last: bool = False, generator: torch.Generator | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", crop_padding: str = "reflect"):
         if augment not in ("crop_flip", "flip", "none"):
             raise ValueError(f"augment must be 'crop_flip', 'flip' or 'none', got '{augment}'")
+        if crop_padding not in PAD_MODES:
+            raise ValueError(f"crop_padding must be one of {sorted(PAD_MODES)}, got '{crop_padding}'")
+        self.crop_padding = crop_padding
         if batch_size < 1 or (drop_last and len(split) < batch_size):
             raise ValueError(f"batch_size={batch_size} with drop_last={drop_last} gives no batch from {len(split)} images")
         self.device = torch.device(device)
@@ -284,7 +296,7 @@ class TensorLoader:
 
     def transform(self, x: Tensor) -> Tensor:
         if self.augment == "crop_flip":
-            x = random_crop(x, 4, self.generator)
+            x = random_crop(x, 4, self.generator, padding=self.crop_padding)
         if self.augment in ("crop_flip", "flip"):
             x = random_flip(x, self.generator)
         if self.noise_std > 0:
@@ -294,10 +306,10 @@ class TensorLoader:
 
 def make_loader(split: TensorSplit, batch_size: int, *, augment: str = "none", noise_std: float = 0.0,
                 shuffle: bool = True, drop_last: bool = False, generator: torch.Generator | None = None,
-                device: str | torch.device = "cpu") -> TensorLoader:
+                device: str | torch.device = "cpu", crop_padding: str = "reflect") -> TensorLoader:
     """See `TensorLoader`."""
     return TensorLoader(split, batch_size, augment=augment, noise_std=noise_std, shuffle=shuffle,
-                        drop_last=drop_last, generator=generator, device=device)
+                        drop_last=drop_last, generator=generator, device=device, crop_padding=crop_padding)
 
 
 def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -306,10 +318,14 @@ def random_flip(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
-def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None) -> Tensor:
-    """Reflect-pad by `pad`, then crop each image back to H x W at a random offset in [0, 2 pad]."""
+PAD_MODES = {"reflect": "reflect", "zeros": "constant"}   # crop_padding -> F.pad mode
+
+
+def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None, *, padding: str = "reflect") -> Tensor:
+    """Pad by `pad` (reflect, or zeros as torchvision's RandomCrop(32, padding=4)), then crop each image
+    back to H x W at a random offset in [0, 2 pad]."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    padded = F.pad(x, (pad, pad, pad, pad), mode=PAD_MODES[padding])
     dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device))
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]      # (B, 1, H, 1)
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]      # (B, 1, 1, W)

@@ -10,12 +10,16 @@ statistics frozen during the second pass (`frozen_bn_stats`).
 
 Every schedule is stepped once per iteration and has the form
 
-    lr(t) = lr * shape(t) * warmup(t) * scale,    warmup(t) = min(1, (t + 1) / warmup_iters)
+    lr(t) = lr * shape(t) * warmup(t) * scale,    warmup(t) = min(1, t / warmup_iters)
 
-with shape one of constant (1), multistep (gamma^#{milestones <= epoch}),
-cosine (0.5 (1 + cos(pi t / T))), or torch's OneCycleLR (WEAT; it also
-cycles SGD momentum). `scale` starts at 1 and is lowered by the divergence
-guard's `lr_decay` remedy.
+(t = 0-based iteration; JEM's train_wrn_ebm.py:303-304 sets lr * cur_iter / warmup_iters for
+cur_iter <= warmup_iters, so the first step runs at lr 0) with shape one of constant (1), multistep
+(gamma^#{milestones <= epoch}, epoch 0-based: JEM's `if epoch in decay_epochs` over range(n_epochs),
+MAIL's adjust_learning_rate(epoch) over range(epochs); TRADES/MART test a 1-based `epoch >= 75`, i.e.
+milestone 74), cosine (0.5 (1 + cos(pi t / T))), or torch's OneCycleLR (WEAT main.py:102-104: max_lr
+= lr, pct_start, total_steps = epochs x steps per epoch, torch defaults otherwise: cosine anneal,
+div_factor 25, final_div_factor 1e4, momentum cycled 0.85-0.95). `scale` starts at 1 and is lowered by
+the divergence guard's `lr_decay` remedy.
 """
 
 from __future__ import annotations
@@ -130,8 +134,8 @@ def shape_factor(cfg, step: int, steps_per_epoch: int) -> float:
 
 
 def warmup_factor(step: int, warmup_iters: int) -> float:
-    """Linear warm-up of JEM: (t + 1) / warmup_iters for the first warmup_iters iterations."""
-    return 1.0 if warmup_iters <= 0 else min(1.0, (step + 1) / warmup_iters)
+    """Linear warm-up of JEM (train_wrn_ebm.py:303-304): t / warmup_iters at 0-based iteration t <= warmup_iters."""
+    return 1.0 if warmup_iters <= 0 else min(1.0, step / warmup_iters)
 
 
 class LRSchedule:
@@ -142,6 +146,11 @@ class LRSchedule:
             raise ValueError("steps_per_epoch must be >= 1 (is the training split smaller than one batch?)")
         self.optimizer = base_optimizer(optimizer)
         self.warmup_iters = cfg.warmup_iters
+        first_decay = min(cfg.milestones, default=None) if cfg.name == "multistep" else None
+        if first_decay is not None and cfg.warmup_iters >= first_decay * steps_per_epoch:
+            raise ValueError(f"schedule.warmup_iters={cfg.warmup_iters} reaches the first milestone (epoch {first_decay} "
+                             f"= iteration {first_decay * steps_per_epoch}): JEM's "
+                             "warm-up statement would override that decay, which is not modelled; lower warmup_iters")
         self.step_count, self.scale = 0, 1.0
         if cfg.name == "onecycle":
             max_lrs = [g["lr"] for g in self.optimizer.param_groups]

@@ -164,7 +164,7 @@ class Streams:
         split = data.TensorSplit(split.images.to(device), split.labels.to(device))
         self.split, self.dcfg, self.seed, self.device = split, dcfg, seed, device
         n = len(split.labels)
-        self.steps_per_epoch = n // dcfg.batch_size
+        self.steps_per_epoch = n // dcfg.batch_size if dcfg.drop_last else -(-n // dcfg.batch_size)
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training split has {n} images, fewer than one batch of {dcfg.batch_size}; "
                              "lower data.batch_size or use a larger data set")
@@ -172,10 +172,11 @@ class Streams:
         if self.px_batch is not None and self.px_batch > n:
             raise ValueError(f"data.px_batch_size {self.px_batch} exceeds the {n} training images")
 
-    def _loader(self, batch_size, augment, noise_std, *key):
+    def _loader(self, batch_size, augment, noise_std, *key, drop_last=True):
         g = torch.Generator().manual_seed(derive_seed(self.seed, *key))
         return data.make_loader(self.split, batch_size, augment=augment, noise_std=noise_std, shuffle=True,
-                                drop_last=True, generator=g, device=self.device)
+                                drop_last=drop_last, generator=g, device=self.device,
+                                crop_padding=self.dcfg.crop_padding)
 
     def _px(self, epoch: int):
         d = self.dcfg
@@ -185,7 +186,8 @@ class Streams:
             yield from self._loader(self.px_batch, augment, noise, epoch, "px", cycle)
 
     def epoch(self, epoch: int, skip: int = 0):
-        labelled = self._loader(self.dcfg.batch_size, self.dcfg.augment, self.dcfg.noise_std, epoch, "labelled")
+        labelled = self._loader(self.dcfg.batch_size, self.dcfg.augment, self.dcfg.noise_std, epoch, "labelled",
+                                drop_last=self.dcfg.drop_last)
         px = self._px(epoch) if self.px_batch is not None else None
         for i, (x, y) in enumerate(labelled):
             if i >= self.steps_per_epoch:
@@ -239,7 +241,7 @@ class Trainer:
             m, run.model, num_classes=self.num_classes, image_shape=self.image_shape, stats=stats,
             device=self.device, seed=run.seed, channels_last=t.channels_last)
         self.fmodel = torch.compile(self.model) if t.compile else self.model
-        self.streams = Streams(splits.train, m.data, needs_px=self.method.needs_px_stream, seed=run.seed,
+        self.streams = Streams(data.training_split(splits, m.data.holdout), m.data, needs_px=self.method.needs_px_stream, seed=run.seed,
                                device=self.device)
         self.schedule = LRSchedule(self.optimizer, m.schedule, steps_per_epoch=self.streams.steps_per_epoch)
         self.dynamics = DynamicsRecorder(m.dynamics, attack_cfg=t.val_pgd, device=self.device)

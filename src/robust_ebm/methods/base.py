@@ -127,6 +127,14 @@ class AdversarialMethod(Method):
         return {"x": batch.x, "y": batch.y, "x_adv": self.attack(model, batch.x, batch.y)}
 
 
+def released_kl(logits_nat: Tensor, logits_adv: Tensor) -> Tensor:
+    """Per-sample Σ_k p_k (log p_k − log(q_k + 1e-12)), p = softmax(f(x)), q = softmax(f(x_adv)): the KL as the
+    MART and WEAT codes compute it (nn.KLDivLoss on torch.log(q + 1e-12); mart.py:55, WEAT_loss.py:89,140).
+    Equal to `energy.kl_divergence` up to the 1e-12, which matters once some q_k is tiny."""
+    log_p = logits_nat.log_softmax(dim=1)
+    return (log_p.exp() * (log_p - torch.log(logits_adv.softmax(dim=1) + 1e-12))).sum(dim=1)
+
+
 def energies(y: Tensor | None = None, **logits: Tensor) -> dict[str, Tensor]:
     """Detached per-sample energies for the dynamics log: E_x/<tag> (and E_xy/<tag> when y is given)."""
     out = {}

@@ -9,7 +9,10 @@ so confident, low-energy samples count less (w ≤ 1/log 2). The weights are not
     WEAT_nat:  (1/B) Σ w_i · CE(f(x_i), y_i)     + β · (1/B) Σ w_i · KL(p(·|x_i) ‖ p(·|x_adv_i))
     WEAT_adv:  (1/B) Σ w_i · CE(f(x_adv_i), y_i) + β · (same weighted KL)
 
-x_adv is the TRADES KL attack (cfg.attack, objective kl, 10 × 2/255, ε 8/255).
+x_adv is the TRADES KL attack (cfg.attack, objective kl, 10 × 2/255, ε 8/255, start x + 0.001·N(0,I)
+not clipped; WEAT_loss.py:62-72). x and x_adv are forwarded once each in train mode
+(WEAT_loss.py:82-83, 133-134): no third forward as in TRADES. The KL is the released one,
+Σ p (log p − log(q + 1e-12)) (WEAT_loss.py:89, 140; `base.released_kl`).
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..energy import cross_entropy, kl_divergence, marginal_energy
+from ..energy import cross_entropy, marginal_energy
 from ..schema_types import Strict
-from .base import LossOutput, energies, output
+from .base import LossOutput, energies, output, released_kl
 from .trades import TRADES
 
 
@@ -40,6 +43,7 @@ class WEAT(TRADES):
     """TRADES with both terms weighted by 1/softplus(|E(x)|)."""
 
     Params = WeatParams
+    repeat_clean_forward = False
 
     def loss(self, model, prepared: dict[str, Tensor], *, epoch: int) -> LossOutput:
         y = prepared["y"]
@@ -47,7 +51,7 @@ class WEAT(TRADES):
         w = energy_weights(logits)
         ce_logits = logits if self.params.variant == "nat" else logits_adv
         ce = (w * cross_entropy(ce_logits, y)).mean()
-        kl = (w * kl_divergence(logits, logits_adv)).mean()
+        kl = (w * released_kl(logits, logits_adv)).mean()
         loss = ce + self.params.beta * kl
         return output(loss, {"ce_weighted": ce, "kl_weighted": kl, "w_mean": w.mean()},
                       energies(y, clean=logits, adv=logits_adv))
