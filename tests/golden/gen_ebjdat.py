@@ -201,7 +201,7 @@ def _recording(base, record: dict, ccf, *, sam: bool = False):
     return Rec
 
 
-def run_main(module, args, *, ccf, buffer, loaders, draws, x_lab_shape, px_noise=None, sam_module=None) -> dict:
+def run_main(module, args, *, ccf, buffer, loaders, draws, px_noise=None, sam_module=None) -> dict:
     """Run `module.main(args)` for one iteration with the replacements of the module docstring."""
     record: dict = {}
     n = draws["idx"].shape[0]
@@ -242,10 +242,8 @@ def run_main(module, args, *, ccf, buffer, loaders, draws, x_lab_shape, px_noise
         "init_random": init_random,
         "args": args,
     }
-    if hasattr(module, "get_sample_q"):  # EB-JDAT-JEM: get_model_and_buffer(args, device, sample_q)
-        patches["get_model_and_buffer"] = lambda *_a, **_k: (ccf, buffer)
-    else:
-        patches["get_model_and_buffer"] = lambda *_a, **_k: (ccf, buffer)
+    patches["get_model_and_buffer"] = lambda *_a, **_k: (ccf, buffer)
+    if not hasattr(module, "get_sample_q"):  # EB-JDAT-JEM++ / -SADAJEM: informative buffer, released call bug
         patches["init_from_centers"] = lambda *_a, **_k: buffer
         patches["category_mean"] = lambda *_a, **_k: None
         patches["sampleXadv"] = functools.partial(module.sampleXadv, device="cpu")
@@ -356,8 +354,7 @@ def generate_fork(ref, name: str) -> Path:
             loaders = ([(ref_px.clone(), torch.zeros(n_px, dtype=torch.long))], iter([(ref_lab.clone(), y_lab.clone())]),
                        [], [])
         args = fork_settings(name, tmp, n_px)
-        record = run_main(module, args, ccf=ccf, buffer=buffer, loaders=loaders, draws=draws,
-                          x_lab_shape=ref_lab.shape, px_noise=px_noise,
+        record = run_main(module, args, ccf=ccf, buffer=buffer, loaders=loaders, draws=draws, px_noise=px_noise,
                           sam_module=module if name == "ebjdat_sadajem" else None)
     loc = record["locals"]
     loss = loc["loss"] if name == "ebjdat_sadajem" else loc["L"]
