@@ -2,8 +2,8 @@
 
 The golden is Algorithm 1 / Eq. 5-7, 17, 18 written out independently in the generator; our side is
 methods/jeat.py with params.yaml's `jeat` / `prejeat` settings (attack: uniform start + one signed step of
-eps on E(x, y)), the sampler switched to Algorithm 1's coupled SGLD (`coupled: true`, step alpha; the
-params.yaml default is JEM's decoupled step [R]) with the fixture's alpha and buffer size.
+eps on E(x, y), asserted), the sampler switched to Algorithm 1's coupled SGLD (`coupled: true`; the
+params.yaml default is JEM's decoupled step [R]) with the fixture's alpha, K, rho and buffer size.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def run_ours(name: str) -> dict:
     assert cfg.attack.eps == pytest.approx(inp["eps"]) and cfg.attack.step == cfg.attack.eps and cfg.attack.steps == 1
     assert cfg.attack.random_start == "uniform" and cfg.attack.objective == "joint_energy"
     if cfg.sampler is not None:
-        assert cfg.sampler.steps == inp["steps"] and cfg.sampler.reinit_prob == inp["rho"]
-        cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(
-            update={"coupled": True, "step_size": inp["alpha"], "buffer_size": inp["buffer_size"]})})
+        free = {"coupled": True, "step_size": inp["alpha"], "steps": inp["steps"], "reinit_prob": inp["rho"],
+                "buffer_size": inp["buffer_size"]}  # Algorithm 1's free values [R]: the fixture's
+        cfg = cfg.model_copy(update={"sampler": cfg.sampler.model_copy(update=free)})
     model = ebjdat_net.build(False)
     model.load_state_dict(inp["state"])
     model.train()
