@@ -280,3 +280,20 @@ def test_official_autoattack_column_is_bounded_by_the_analytic_worst_case(tmp_pa
     aa = evaluate_stage(_run(evaluation), tmp_path, _model_file(tmp_path), tmp_path / "e.json")["columns"]["autoattack"]
     assert aa["n"] == 16 and aa["eps_pixel"] == pytest.approx(8 / 255)
     assert analytic - 1e-6 <= aa["accuracy"] <= 1.0
+
+
+def test_ebjdat_scale_attacks_the_noisy_test_images(linear_case, tmp_path, monkeypatch):
+    """EB-JDAT's eval adds the model's test-time noise before its PGD (test_noise 'model'); 'none' keeps x."""
+    model, x, y = linear_case
+    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {"noise_std": 0.03}))
+    col = evaluate_stage(_run(_evaluation()), tmp_path, _model_file(tmp_path), tmp_path / "e.json")["columns"]["ebjdat_scale"]
+    g = torch.Generator().manual_seed(0 + 3001)  # the column's noise stream (seed + 3001), one draw per batch of 32
+    centres = torch.cat([(xb + 0.03 * torch.randn(xb.shape, generator=g)).clamp(0, 1) for xb in x.split(32)])
+    noisy, clean = [(_robust_margin(model, c, y, EPS / 2) > 0).float().mean().item() for c in (centres, x)]
+    assert noisy != clean, "the noise must change the answer, or this test proves nothing"
+    assert col["accuracy"] == pytest.approx(noisy)
+    assert col["test_noise"] == "model" and col["test_noise_std"] == 0.03 and "N(0, 0.03^2)" in col["protocol"]
+    assert col["max_perturbation_linf"] == pytest.approx(EPS / 2, abs=1e-6)  # measured around the noisy centre
+    off = evaluate_stage(_run(_evaluation(ebjdat_scale={"test_noise": "none"})), tmp_path, _model_file(tmp_path),
+                         tmp_path / "f.json")["columns"]["ebjdat_scale"]
+    assert off["accuracy"] == pytest.approx(clean) and off["test_noise_std"] == 0.0

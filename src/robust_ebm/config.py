@@ -261,12 +261,25 @@ class EOTConfig(Strict):
     samples: int = Field(20, ge=1, description="EOT gradient samples for models with test-time noise")
 
 
+class EbjdatScaleConfig(AttackConfig):
+    """EB-JDAT's released PGD (papers.md §3.2) with its test-time input noise.
+
+    test_noise 'model': the test images get + sigma N(0, I) before the attack, sigma the checkpoint's
+    test-time noise (meta noise_std: the JEM family's labelled-batch training noise), as
+    EB-JDAT-JEM/eval_jem.py:421-425 and EB-JDAT-JEM++/eval_jempp.py:409-413 do with --sigma 0.03
+    ([-1,1] units, their training sigma) and EB-JDAT-SADAJEM/eval_sadajem.py with --sigma 0 (:501);
+    'none': clean test images.
+    """
+
+    test_noise: Literal["model", "none"] = "model"
+
+
 class EvaluationConfig(Strict):
     batch_size: int = Field(256, ge=1)
     n_examples: int | None = Field(None, ge=1, description="null: full test set")
     pgd: AttackConfig
     energy_attack: AttackConfig
-    ebjdat_scale: AttackConfig
+    ebjdat_scale: EbjdatScaleConfig
     autoattack: AutoAttackConfig = Field(default_factory=AutoAttackConfig)
     eot: EOTConfig = Field(default_factory=EOTConfig)
     histogram_attacks: HistogramAttacksConfig | None = Field(

@@ -17,16 +17,28 @@ labelled batch x. Two x̃ samplers (`sampler_variant`, papers.md §6.1):
   paper energy *ascent* on E(x̃, y) with projection to the ε-ball (PGD, objective joint_energy).
 
 ε and α are pixel units: the code's 8/255 and 2/255 in [−1,1] units are 4/255 and 1/255 here.
-The x_px and x̃ forwards are each shared by the two terms that use them (the code repeats them).
+
+BatchNorm bookkeeping. x̃ is drawn in eval mode, so it depends on the running statistics at that
+moment. The released step (train_jempp.py:365-437, train_sadajem.py:326-376, plc alltrain1) runs
+its train-mode forwards in this order, each one moving the running statistics:
+
+    f(x_px), the sampler chain (train mode), f(x_sgld), f(x) | draw x̃ (eval) | f(x_px), f(x̃), f(x̃)
+
+`prepare` replays the forwards before the bar (no gradient; skipped for a model without running
+statistics, e.g. the JEM back-end, which has no normalisation), then draws x̃. `loss` computes each
+forward once and moves the statistics as the code's forwards after the bar do: x_px once, x_sgld and x
+not at all (already counted), x̃ as two identical forwards (`bn_updates`). The loss and its gradient do
+not depend on running statistics (train mode), only x̃ and the statistics left after the step do.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import attacks
 from ..energy import cross_entropy, joint_energy, marginal_energy
@@ -44,6 +56,31 @@ class EbjdatParams(JemParams):
     eps: Fraction = Field(4 / 255, ge=0.0, le=1.0, description="start radius (and ball radius of 'paper'), pixels")
     step: Fraction = Field(1 / 255, gt=0.0, description="sign-step size, pixels")
     perception_group: int = Field(1, ge=1, description="samples normalised together in D (code: 1)")
+
+
+def _running_bns(model) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def bn_updates(model, times: int):
+    """Train-mode forwards in the block move BN running statistics as `times` identical forwards would.
+
+    One update r <- (1-m) r + m s, repeated k times on the same batch, is r <- (1-m)^k r + (1-(1-m)^k) s,
+    so the block sets each momentum m to 1 - (1-m)^k (k = 0 freezes the statistics).
+    """
+    bns = _running_bns(model)
+    if any(m.momentum is None for m in bns):
+        raise ValueError("EB-JDAT replays the code's BatchNorm updates and needs a BN momentum; the model has "
+                         "momentum=None (cumulative average): set the model's bn_momentum")
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 1.0 - (1.0 - m.momentum) ** times
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
 
 
 def normalise_logits(logits: Tensor, group: int) -> Tensor:
@@ -92,14 +129,27 @@ class EBJDAT(JEM):
         return attacks.perturb(model, x.clamp(0.0, 1.0), y, cfg, generator=self.generator)
 
     def prepare(self, model, batch: Batch, *, epoch: int) -> dict[str, Tensor]:
+        """x_sgld, then x̃ after the code's earlier train-mode forwards (module docstring, BatchNorm)."""
+        replay = bool(_running_bns(model)) and model.training
+        if replay and batch.x_px is not None:
+            with torch.no_grad():
+                model(batch.x_px)
         prepared = super().prepare(model, batch, epoch=epoch)
+        if replay:
+            with torch.no_grad():
+                model(prepared["x_sgld"])
+                model(batch.x)
         return prepared | {"x_tilde": self.sample_xadv(model, batch.x, batch.y)}
 
     def loss(self, model, prepared: dict[str, Tensor], *, epoch: int) -> LossOutput:
         p, y = self.params, prepared["y"]
-        e_data, e_sgld, px = self.px_terms(model, prepared)
-        logits = model(prepared["x"])
-        logits_tilde = model(prepared["x_tilde"])
+        e_data = marginal_energy(model(prepared["x_px"]))      # the code's f(x_px) after x̃
+        with bn_updates(model, 0):                            # counted in prepare
+            e_sgld = marginal_energy(model(prepared["x_sgld"]))
+            logits = model(prepared["x"])
+        with bn_updates(model, 2):                            # the code's f(x̃) and f.classify(x̃)
+            logits_tilde = model(prepared["x_tilde"])
+        px = px_contrast(e_data, e_sgld)
         ce = cross_entropy(logits, y).mean()
         px_xadv = px_contrast(e_data, marginal_energy(logits_tilde))
         ce_xadv = cross_entropy(logits_tilde, y).mean()
