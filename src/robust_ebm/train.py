@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from . import attacks, data
 from .checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
+from .config import validate_run
 from .dynamics import DynamicsRecorder
 from .evaluate import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
@@ -204,22 +205,6 @@ def _fingerprint(run) -> str:
             "method": run.method.model_dump(mode="json"), "model": run.model.model_dump(mode="json"),
             "seed": run.seed, "val": [run.training.val_n_examples, run.training.val_pgd.model_dump(mode="json")]}
     return hashlib.sha256(repr(sorted(keys.items())).encode()).hexdigest()[:16]
-
-
-def check_run(run, splits) -> None:
-    """Refuse impossible settings before any work (selection rule, epochs, validation split)."""
-    m = run.method
-    epochs = m.schedule.epochs
-    if m.select.rule != "last":
-        if len(splits.valid.labels) == 0:
-            raise ValueError(f"select.rule '{m.select.rule}' needs a validation split, but dataset "
-                             f"'{run.dataset_name}' has n_valid 0; set n_valid > 0 or select.rule: last")
-        if m.select.from_epoch > epochs:
-            raise ValueError(f"methods.{run.method_name}.select.from_epoch={m.select.from_epoch} exceeds "
-                             f"schedule.epochs={epochs}; no epoch could be selected")
-    for milestone in m.schedule.milestones if m.schedule.name == "multistep" else []:
-        if milestone > epochs:
-            raise ValueError(f"methods.{run.method_name}.schedule.milestones has {milestone} > epochs {epochs}")
 
 
 class Trainer:
@@ -505,7 +490,7 @@ def train_stage(run, data_dir, out_dir, tracker=None, *, max_steps: int | None =
 def train_splits(run, splits, stats, out_dir, tracker=None, *, max_steps: int | None = None,
                  resume: bool = True) -> dict:
     """`train_stage` on splits already in memory (train and valid are read; test never is)."""
-    check_run(run, splits)
+    validate_run(run)  # the load-time checks again: a RunConfig may have been edited since
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(run, splits, stats, out_dir, tracker)
