@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import BadFileError, load_torch
 from .runtime import atomic_torch_save, atomic_write_json, pick_device
 
 if TYPE_CHECKING:  # config imports sampling/models; keep data importable from them without a cycle
@@ -433,13 +434,16 @@ def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Pat
 def load_prepared(out_dir: str | Path) -> tuple[Splits, ClassStats]:
     """Read what `prepare_stage` wrote (torch.load with weights_only=True)."""
     out_dir = Path(out_dir)
-    for name in ("splits.pt", "class_stats.pt"):
-        if not (out_dir / name).is_file():
-            raise FileNotFoundError(f"{out_dir / name} is missing; run the data stage first (robust-ebm data ... --out {out_dir})")
-    state = torch.load(out_dir / "splits.pt", map_location="cpu", weights_only=True)
-    splits = Splits(**{name: TensorSplit(state[f"{name}_images"], state[f"{name}_labels"]) for name in ("train", "valid", "test")},
-                    classes=list(state["classes"]), source=state["source"])
-    stats = ClassStats.from_dict(torch.load(out_dir / "class_stats.pt", map_location="cpu", weights_only=True))
+    fix = f"rerun the data stage (robust-ebm data ... --out {out_dir})"
+    state = load_torch(out_dir / "splits.pt", fix=fix)
+    try:
+        splits = Splits(**{name: TensorSplit(state[f"{name}_images"], state[f"{name}_labels"])
+                           for name in ("train", "valid", "test")}, classes=list(state["classes"]), source=state["source"])
+        stats = ClassStats.from_dict(load_torch(out_dir / "class_stats.pt", fix=fix))
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, BadFileError):
+            raise
+        raise BadFileError(f"{out_dir} does not hold the data stage's splits.pt/class_stats.pt ({err}); {fix}") from None
     return splits, stats
 
 

@@ -63,7 +63,7 @@ from .data import load_prepared
 from .energy import joint_energy, marginal_energy
 from .histogram_attacks import DIAGNOSTIC as HIST_DIAGNOSTIC
 from .histogram_attacks import ComponentUnavailable, build_component
-from .models import ArchitectureRequired, load_classifier
+from .models import load_for_run
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -213,17 +213,6 @@ def _check_model_fits(model, x: Tensor, y: Tensor, model_path) -> None:
     k = getattr(model, "num_classes", None)
     if k is not None and len(y) and int(y.max()) >= k:
         raise ValueError(f"model {model_path} has {k} classes but the test labels reach {int(y.max())}")
-
-
-def load_for_run(run, model_path: Path, device: torch.device):
-    """`load_classifier`; a bare state_dict (a user's own file) takes the run's model config and data shapes."""
-    try:
-        model, meta = load_classifier(model_path, map_location=device)
-    except ArchitectureRequired:
-        d = run.dataset
-        model, meta = load_classifier(model_path, map_location=device, model_config=run.model,
-                                      num_classes=d.num_classes, in_channels=d.channels, image_size=d.image_size)
-    return model.to(device).eval().requires_grad_(False), meta
 
 
 def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, perturb
 from .data import load_prepared
-from .evaluate import load_for_run
+from .models import load_for_run
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 

@@ -1,8 +1,9 @@
-"""Run-time plumbing shared by every stage: device choice, seeding, atomic writes."""
+"""Run-time plumbing shared by every stage: device choice, fallbacks, seeding, atomic writes."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -15,10 +16,27 @@ import torch
 from torch import nn
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; any other string is passed to torch.device."""
+FALLBACK_LOG = logging.getLogger("robust_ebm.fallback")
+CPU_FALLBACK = "device auto: no CUDA GPU available, ran on the CPU"
+
+
+def note_fallback(fallbacks: list[str] | None, message: str) -> None:
+    """A fallback (a stand-in, the CPU for the GPU, a smaller subset) is never silent: it is logged as a
+    warning and appended to `fallbacks`, which the stage writes into its output JSON (key "fallbacks");
+    the tables stage repeats them in its captions."""
+    FALLBACK_LOG.warning("fallback: %s", message)
+    if fallbacks is not None and message not in fallbacks:
+        fallbacks.append(message)
+
+
+def pick_device(name: str = "auto", fallbacks: list[str] | None = None) -> torch.device:
+    """'auto' -> CUDA when available, else CPU (a fallback, see `note_fallback`); any other string is
+    passed to torch.device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        note_fallback(fallbacks, CPU_FALLBACK)
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but CUDA is not available; use device: auto or cpu")

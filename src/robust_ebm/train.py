@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from . import attacks, data
 from .checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
 from .config import validate_run
+from .files import BadFileError
 from .dynamics import DynamicsRecorder
 from .evaluate import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
@@ -249,8 +250,8 @@ class Trainer:
     def load(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path)
         if ckpt["progress"].get("fingerprint") != self.progress["fingerprint"]:
-            raise ValueError(f"{self.ckpt_path} was written by a different configuration of run "
-                             f"{self.run.run_name}; delete it (or the whole {self.out_dir}) to start afresh")
+            raise BadFileError(f"{self.ckpt_path} was written by a different configuration of run "
+                               f"{self.run.run_name}; move it (or the whole {self.out_dir}) away to start afresh")
         self.progress = restore(ckpt, self._stateful(), {"method": self.generator})
         self.best_state = ckpt.get("best_state")
 
