@@ -82,6 +82,6 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint onto the CPU with weights_only=True (no arbitrary code is unpickled);
     files.BadFileError, naming the file, when it is truncated, corrupt or not a checkpoint."""
     ckpt = load_torch(path, fix=RESUME_FIX)
-    if not isinstance(ckpt, dict) or not {"state", "rng", "progress"} <= set(ckpt):
-        raise BadFileError(f"{path} is not a training checkpoint (no state/rng/progress); {RESUME_FIX}")
+    if not isinstance(ckpt, dict):
+        raise BadFileError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; {RESUME_FIX}")
     return ckpt

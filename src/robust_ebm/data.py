@@ -414,8 +414,9 @@ def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Pat
     prof = params.profile_config(profile)
     cfg, out_dir = prof.dataset(dataset), Path(out_dir)
     splits = load_splits(cfg)
+    fallbacks: list[str] = []
     stats = class_stats(splits.train.float01(), splits.train.labels, cfg.num_classes, cfg.stats_rank,
-                        device=pick_device(prof.device))
+                        device=pick_device(prof.device, fallbacks))
     splits_path = atomic_torch_save(_splits_to_dict(splits), out_dir / "splits.pt")
     atomic_torch_save(stats.to_dict(), out_dir / "class_stats.pt")
     summary = {
@@ -423,7 +424,7 @@ def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Pat
         "counts": {name: len(getattr(splits, name)) for name in ("train", "valid", "test")},
         "num_classes": cfg.num_classes, "image_shape": list(splits.train.images.shape[1:]),
         "split_seed": cfg.split_seed, "classes": splits.classes, "stats_rank": stats.rank,
-        "splits_sha256": _sha256(splits_path),
+        "splits_sha256": _sha256(splits_path), "fallbacks": fallbacks,
     }
     if cfg.name == "CIFAR10" and splits.source.startswith("imagefolder"):
         summary["note"] = JPEG_CIFAR_NOTE

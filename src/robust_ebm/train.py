@@ -52,7 +52,7 @@ from .evaluate import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
 from .models import build_model, save_classifier
 from .optim import SAM, LRSchedule, build_optimizer, frozen_bn_stats
-from .runtime import atomic_torch_save, atomic_write_json, model_mode, pick_device, seed_everything
+from .runtime import atomic_torch_save, atomic_write_json, model_mode, note_fallback, pick_device, seed_everything
 
 
 class TrainingDiverged(RuntimeError):
@@ -213,7 +213,8 @@ class Trainer:
 
     def __init__(self, run, splits, stats, out_dir, tracker=None):
         self.run, self.splits, self.out_dir, self.tracker = run, splits, Path(out_dir), tracker
-        self.device = pick_device(run.device)
+        self.fallbacks: list[str] = []
+        self.device = pick_device(run.device, self.fallbacks)
         m, t = run.method, run.training
         seed_everything(run.seed)
         self.precision = resolve_precision(t.precision, self.device, m.sampler is not None)
@@ -230,6 +231,12 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, m.schedule, steps_per_epoch=self.streams.steps_per_epoch)
         self.dynamics = DynamicsRecorder(m.dynamics, attack_cfg=t.val_pgd, device=self.device)
         n_fixed = min(m.dynamics.n_fixed, len(splits.train.labels))
+        if n_fixed < m.dynamics.n_fixed:
+            note_fallback(self.fallbacks, f"energy dynamics on {n_fixed} training images, {m.dynamics.n_fixed} "
+                          "requested (dynamics.n_fixed exceeds the training split)")
+        if 0 < len(splits.valid.labels) < t.val_n_examples:
+            note_fallback(self.fallbacks, f"validation on {len(splits.valid.labels)} images, {t.val_n_examples} "
+                          "requested (training.val_n_examples exceeds the validation split)")
         self.fixed = (_as_float(splits.train.images[:n_fixed]), splits.train.labels[:n_fixed].long())
         self.best_state: dict | None = None
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "seconds": 0.0, "images": 0,
@@ -471,7 +478,8 @@ class Trainer:
         summary = {"run": run.run_name, "epochs": p["epoch"], "steps": p["global_step"], "complete": complete,
                    "selected_epoch": selected, "best_epoch": p["best_epoch"], "select_rule": m.select.rule,
                    "val": p["val"], "seconds": seconds, "images_per_s": p["images"] / seconds if seconds else None,
-                   "retries": p["retries"], "precision": self.precision, "device": str(self.device)}
+                   "retries": p["retries"], "precision": self.precision, "device": str(self.device),
+                   "fallbacks": self.fallbacks}
         atomic_write_json(self.out_dir / "train.json", summary)
         atomic_write_json(self.out_dir / "dynamics.json", self.dynamics.as_json())
         if self.tracker is not None:
