@@ -43,6 +43,20 @@ def pick_device(name: str = "auto", fallbacks: list[str] | None = None) -> torch
     return device
 
 
+def describe_device(name: str) -> tuple[bool, str]:
+    """(usable, what the stages will run on) for a profile's `device`: `robust-ebm check`'s line."""
+    cuda = torch.cuda.is_available()
+    gpu = f"CUDA ({torch.cuda.get_device_name(0)})" if cuda else ""
+    if name == "cpu":
+        return True, "cpu (the profile asks for the CPU)"
+    if name == "auto":
+        return True, gpu or ("CPU: no CUDA GPU available, so the stages will run on the CPU (a fallback each stage "
+                             "logs and records; a GPU profile takes far longer)")
+    if name == "cuda" and not cuda:
+        return False, "MISSING: the profile asks for cuda but no CUDA GPU is available; use device: auto or cpu"
+    return True, gpu or name
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch (all devices); return a CPU generator seeded likewise."""
     random.seed(seed)

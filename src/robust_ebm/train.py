@@ -256,7 +256,7 @@ class Trainer:
 
     def load(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path)
-        if ckpt["progress"].get("fingerprint") != self.progress["fingerprint"]:
+        if (ckpt.get("progress") or {}).get("fingerprint") != self.progress["fingerprint"]:
             raise BadFileError(f"{self.ckpt_path} was written by a different configuration of run "
                                f"{self.run.run_name}; move it (or the whole {self.out_dir}) away to start afresh")
         self.progress = restore(ckpt, self._stateful(), {"method": self.generator})

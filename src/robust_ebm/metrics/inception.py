@@ -90,6 +90,18 @@ def resolve_inception_weights(path: str | Path | None = None, *, download: bool 
     )
 
 
+def locate_weights(path: str | Path | None) -> tuple[bool, str]:
+    """(usable, where / what is missing and how to supply it) without downloading: `robust-ebm check`'s line.
+
+    An explicit path that does not exist raises InceptionWeightsNotFound, as in the metrics stage."""
+    try:
+        return True, f"found: {resolve_inception_weights(path, download=False)}"
+    except InceptionWeightsUnavailable:
+        return False, (f"not found (params `{PARAMS_KEY}` and ${WEIGHTS_ENV} unset; not in the torch hub cache "
+                       f"{hub_weights_path()}); the metrics stage will try a download, else IS/FID fall back to the "
+                       f"*_refclf stand-in (a recorded fallback). {_how_to_supply()}")
+
+
 def load_inception(weights: str | Path, device: torch.device | str = "cpu") -> FeatureExtractorInceptionV3:
     """torch-fidelity's Inception-v3 with the given weights, eval mode, returning (pool3, logits_unbiased)."""
     try:
