@@ -651,16 +651,15 @@ def _method_problems(method_configs: list[tuple[str, MethodConfig]]) -> list[str
 
 
 def _selection_problems(sections: Sections, runs: list[tuple[str, str]], by_dataset, prefix: str) -> list[str]:
-    """A selection rule on validation images needs a data set with a validation split."""
-    problems = []
+    """A selection rule on validation images needs a data set with a validation split (one line per data set)."""
+    selecting: dict[str, list[str]] = {}
     for d, m in runs:
         if d not in sections.datasets or m not in sections.methods:
             continue  # reported as unknown names
-        rule = by_dataset.get(d, {}).get(m, sections.methods[m]).select.rule
-        if rule != "last" and sections.datasets[d].n_valid == 0:
-            problems.append(f"{prefix}runs.{d}: method '{m}' selects its epoch by '{rule}', but datasets.{d}.n_valid "
-                            f"is 0; set n_valid > 0 or methods.{m}.select.rule: last")
-    return problems
+        if by_dataset.get(d, {}).get(m, sections.methods[m]).select.rule != "last" and sections.datasets[d].n_valid == 0:
+            selecting.setdefault(d, []).append(m)
+    return [f"{prefix}runs.{d}: datasets.{d}.n_valid is 0, but method(s) {ms} select their epoch on validation "
+            "images; set n_valid > 0 or their select.rule: last" for d, ms in selecting.items()]
 
 
 def _method_configs(methods: dict[str, MethodConfig],
