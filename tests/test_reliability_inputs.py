@@ -516,3 +516,13 @@ def test_check_lists_data_weights_and_device_and_what_is_missing(tmp_path, capsy
     assert cli.main(["check", "--params", str(path), "--profile", "smoke"]) == 2
     err = capsys.readouterr().err
     assert "InceptionWeightsNotFound" in err and str(tmp_path / "missing.pth") in err and "paths.inception_weights" in err
+
+
+def test_truncated_npz_read_by_figures_is_refused(tmp_path):
+    from robust_ebm import figures
+
+    path = tmp_path / "s0.energies.npz"
+    np.savez(path, clean_marginal=np.zeros(100), clean_joint=np.zeros(100))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(BadFileError, match=r"s0.energies.npz cannot be read.*rerun the stage that wrote it"):
+        figures._energy_sets(path)
