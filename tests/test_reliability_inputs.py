@@ -526,3 +526,15 @@ def test_truncated_npz_read_by_figures_is_refused(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(BadFileError, match=r"s0.energies.npz cannot be read.*rerun the stage that wrote it"):
         figures._energy_sets(path)
+
+
+def test_no_config_class_declares_a_field_twice():
+    """A second declaration silently wins in a class body (MetricsConfig.batch_size had two defaults)."""
+    import ast
+
+    tree = ast.parse((ROOT / "src" / "robust_ebm" / "config.py").read_text())
+    twice = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        names = [s.target.id for s in cls.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)]
+        twice += [f"{cls.name}.{n}" for n in set(names) if names.count(n) > 1]
+    assert twice == []
