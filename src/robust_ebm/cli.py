@@ -126,7 +126,7 @@ def inputs_report(profile) -> tuple[list[str], list[str]]:
 
     for key in profile.run_datasets:
         add(f"data set {key}", *locate(profile.dataset(key)))
-    weights_ok, weights_text = locate_weights(profile.paths.inception_weights)  # a set but missing path raises
+    _, weights_text = locate_weights(profile.paths.inception_weights)  # a set but missing path raises
     lines.append(f"  Inception weights: {weights_text}")  # missing ones have a recorded fallback
     add(f"device ({profile.device})", *describe_device(profile.device))
     return lines, missing

@@ -591,10 +591,9 @@ def validate_run(run: RunConfig) -> None:
     except ValidationError as err:
         problems = [f"{where}.{_describe(e, MethodConfig)}" for e in err.errors()]
     problems += _method_problems([(where, run.method)])
-    rule = run.method.select.rule
-    if rule != "last" and run.dataset.n_valid == 0:
-        problems.append(f"{where}.select.rule: '{rule}' needs a validation split, but data set '{run.dataset_name}' "
-                        "has n_valid 0; set n_valid > 0 or select.rule: last")
+    if _selects_without_validation(run.method, run.dataset):
+        problems.append(f"{where}.select.rule: '{run.method.select.rule}' needs a validation split, but data set "
+                        f"'{run.dataset_name}' has n_valid 0; set n_valid > 0 or select.rule: last")
     if problems:
         raise ConfigError(_report(f"run {run.run_name}", problems))
 
@@ -650,13 +649,18 @@ def _method_problems(method_configs: list[tuple[str, MethodConfig]]) -> list[str
     return problems
 
 
+def _selects_without_validation(method: MethodConfig, dataset: DatasetConfig) -> bool:
+    """A select.rule on validation images, on a data set without a validation split."""
+    return method.select.rule != "last" and dataset.n_valid == 0
+
+
 def _selection_problems(sections: Sections, runs: list[tuple[str, str]], by_dataset, prefix: str) -> list[str]:
-    """A selection rule on validation images needs a data set with a validation split (one line per data set)."""
+    """`_selects_without_validation` for every run of a profile (one line per data set)."""
     selecting: dict[str, list[str]] = {}
     for d, m in runs:
         if d not in sections.datasets or m not in sections.methods:
             continue  # reported as unknown names
-        if by_dataset.get(d, {}).get(m, sections.methods[m]).select.rule != "last" and sections.datasets[d].n_valid == 0:
+        if _selects_without_validation(by_dataset.get(d, {}).get(m, sections.methods[m]), sections.datasets[d]):
             selecting.setdefault(d, []).append(m)
     return [f"{prefix}runs.{d}: datasets.{d}.n_valid is 0, but method(s) {ms} select their epoch on validation "
             "images; set n_valid > 0 or their select.rule: last" for d, ms in selecting.items()]
