@@ -93,6 +93,8 @@ PARAMS_CASES = [
      ["generation.generators.jeat_eq17.sampler.stepz", "'steps'"]),
     ("typo-under-every-method-once", setter("profiles", "smoke", "overrides", "methods", "*", "data", "batchsize", 8),
      ["profile 'smoke'", "methods.*.data.batchsize: unknown key", "'batch_size'", "in 18 methods"]),
+    ("typo-under-every-dataset-once", setter("profiles", "mini", "overrides", "datasets", "*", {"n_vaild": 10}),
+     ["profile 'mini'", "datasets.*.n_vaild: unknown key", "'n_valid'", "in 6 datasets"]),
     ("typo-under-every-method-of-a-dataset-once", setter("dataset_methods", {"svhn": {"*": {"optim": {"lrr": 1}}}}),
      ["dataset_methods.svhn.*.optim.lrr: unknown key", "'lr'", "in 18 methods"]),
     # wrong type

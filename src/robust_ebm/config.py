@@ -694,21 +694,21 @@ def _validate(model: type[BaseModel], data: dict, *, where: str):
 
 
 def _report(where: str, problems: list[str]) -> str:
-    problems = _group_per_method(problems)
+    problems = _group_per_entry(problems)
     lines = "\n".join(f"  - {p}" for p in problems)
     return f"{where} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}"
 
 
-_PER_METHOD = re.compile(r"^((?:dataset_methods\.[^.\s:]+\.)|(?:methods\.))([^.\s:]+)((?:\.[^\s:]*)?: .*)$")
+_PER_ENTRY = re.compile(r"^((?:dataset_methods\.[^.\s:]+\.)|(?:(?:methods|datasets|models)\.))([^.\s:]+)((?:\.[^\s:]*)?: .*)$")
 
 
-def _group_per_method(problems: list[str]) -> list[str]:
-    """One line for a problem that several methods share (a typo under a profile's methods."*"):
-    'methods.*.x: ... (in 18 methods: a, b, ...)' instead of one line per method."""
+def _group_per_entry(problems: list[str]) -> list[str]:
+    """One line for a problem that several methods (data sets, models) share, e.g. a typo under a
+    profile's methods."*": 'methods.*.x: ... (in 18 methods: a, b, ...)' instead of one line each."""
     groups: dict[tuple[str, str], list[str]] = {}
     order: list[tuple[str, str] | str] = []
     for p in dict.fromkeys(problems):
-        match = _PER_METHOD.match(p)
+        match = _PER_ENTRY.match(p)
         if match is None:
             order.append(p)
             continue
@@ -722,12 +722,13 @@ def _group_per_method(problems: list[str]) -> list[str]:
         if isinstance(item, str):
             out.append(item)
             continue
-        names = groups[item]
+        (prefix, rest), names = item, groups[item]
         if len(names) == 1:
-            out.append(f"{item[0]}{names[0]}{item[1]}")
+            out.append(f"{prefix}{names[0]}{rest}")
         else:
+            kind = "methods" if prefix.startswith(("methods", "dataset_methods")) else prefix.rstrip(".")
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            out.append(f"{item[0]}*{item[1]} (in {len(names)} methods: {shown})")
+            out.append(f"{prefix}*{rest} (in {len(names)} {kind}: {shown})")
     return out
 
 
