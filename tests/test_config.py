@@ -153,7 +153,7 @@ def test_unknown_active_profile(raw):
 
 def test_bad_value_inside_a_profile_override(raw):
     msg = invalid(raw, lambda d: d["profiles"]["smoke"]["overrides"]["methods"]["*"].update(optim={"lr": -1.0}))
-    assert "profile 'smoke'" in msg and "methods.standard.optim.lr" in msg
+    assert "profile 'smoke'" in msg and "methods.*.optim.lr" in msg and "(1 problem)" in msg  # once, not per method
 
 
 def test_unknown_override_section(raw):
@@ -253,13 +253,13 @@ def test_dataset_method_merge_order(raw):
     """methods.M < profile "*" < profile M < dataset "*" < dataset M; a profile's dataset_methods on top."""
     data = copy.deepcopy(raw)
     data["dataset_methods"] = {"digits": {
-        "*": {"optim": {"lr": 0.3, "momentum": 0.5}, "schedule": {"epochs": 7}, "select": {"from_epoch": 0},
+        "*": {"optim": {"lr": 0.3, "momentum": 0.5}, "schedule": {"epochs": 7, "milestones": [3]}, "select": {"from_epoch": 0},
               "sampler": {"steps": 9}},
         "jem": {"optim": {"lr": 0.4}},
     }}
     data["profiles"]["t"] = {"seeds": [0], "runs": {"digits": ["standard", "jem"], "svhn": ["jem"]}, "overrides": {
         "methods": {"*": {"optim": {"lr": 0.1, "weight_decay": 0.01}}, "jem": {"optim": {"lr": 0.2, "nesterov": True}}},
-        "dataset_methods": {"digits": {"*": {"schedule": {"epochs": 5}}, "standard": {"optim": {"momentum": 0.6}}}},
+        "dataset_methods": {"digits": {"*": {"schedule": {"epochs": 5, "milestones": [3]}}, "standard": {"optim": {"momentum": 0.6}}}},
     }}
     prof = params_from_dict(data).profile_config("t")
     std, jem = prof.method("digits", "standard"), prof.method("digits", "jem")

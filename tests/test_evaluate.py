@@ -74,7 +74,7 @@ def linear_case(monkeypatch):
     keep = (_robust_margin(model, x, y, EPS).abs() > 1e-3) & (_robust_margin(model, x, y, EPS / 2).abs() > 1e-3)
     x_u8, y = x_u8[keep][:64], y[keep][:64]
     monkeypatch.setattr(ev_mod, "load_prepared", lambda d: (_splits(x_u8, y), None))
-    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {}))
+    monkeypatch.setattr(ev_mod, "load_for_run", lambda run, p, device=None, **kw: (model, {}))
     monkeypatch.setattr(ev_mod, "run_autoattack", _fake_autoattack)
     return model, x_u8.float() / 255, y
 
@@ -162,7 +162,7 @@ def test_expected_log_softmax_is_the_mean_cross_entropy_over_draws():
 
 def test_eot_column_present_for_noisy_models(linear_case, tmp_path, monkeypatch):
     model, x, y = linear_case
-    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {"noise_std": 0.03}))
+    monkeypatch.setattr(ev_mod, "load_for_run", lambda run, p, device=None, **kw: (model, {"noise_std": 0.03}))
     result = evaluate_stage(_run(_evaluation(eot={"samples": 3})), tmp_path, _model_file(tmp_path), tmp_path / "e.json")
     eot = result["columns"]["eot"]
     assert eot["status"] == "ok" and eot["n"] == len(y) and eot["samples"] == 3 and eot["noise_std"] == 0.03
@@ -212,7 +212,7 @@ def _tiny_case(monkeypatch, classes):
         y = model(x_u8.float() / 255).argmax(1)
     y[:3] = (y[:3] + 1) % classes
     monkeypatch.setattr(ev_mod, "load_prepared", lambda d: (_splits(x_u8, y), None))
-    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {}))
+    monkeypatch.setattr(ev_mod, "load_for_run", lambda run, p, device=None, **kw: (model, {}))
     monkeypatch.setattr(ev_mod, "run_autoattack", _fake_autoattack)
     return model, x_u8.float() / 255, y
 
@@ -275,7 +275,7 @@ def test_official_autoattack_column_is_bounded_by_the_analytic_worst_case(tmp_pa
     margins[torch.arange(16), y] = float("inf")
     analytic = (margins.min(1).values > 0).float().mean().item()
     monkeypatch.setattr(ev_mod, "load_prepared", lambda d: (_splits(x_u8, y), None))
-    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {}))
+    monkeypatch.setattr(ev_mod, "load_for_run", lambda run, p, device=None, **kw: (model, {}))
     evaluation = _evaluation(autoattack={"n_examples": 16, "batch_size": 16})
     aa = evaluate_stage(_run(evaluation), tmp_path, _model_file(tmp_path), tmp_path / "e.json")["columns"]["autoattack"]
     assert aa["n"] == 16 and aa["eps_pixel"] == pytest.approx(8 / 255)

@@ -132,7 +132,9 @@ def stage(trained, tmp_path, monkeypatch):
     model_dir = tmp_path / "model"
     save_classifier(model_dir / "model.pt", model, cfg, {"buffer": "replay_buffer.pt"})
     run = SimpleNamespace(generation=GenerationConfig(n_per_class=4, batch_size=5, generators=GENERATORS),
-                          method_name="jem", seed=0, device="cpu", model=cfg, dataset=None)
+                          method_name="jem", seed=0, device="cpu", model=cfg, dataset_name="synthetic",
+                          dataset=SimpleNamespace(num_classes=model.num_classes, channels=model.in_channels,
+                                                  image_size=model.image_size))
     return run, model_dir, tmp_path / "samples", x[:7]
 
 

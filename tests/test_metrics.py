@@ -146,8 +146,8 @@ def test_missing_weights_raise_with_every_hint(offline):
 
 
 def test_weights_resolution_order(offline, tmp_path, monkeypatch, fake_weights):
-    with pytest.raises(InceptionWeightsUnavailable, match="does not exist"):
-        resolve_inception_weights(tmp_path / "nope.pth")  # an explicit path is never silently replaced
+    with pytest.raises(inception.InceptionWeightsNotFound, match="does not exist"):
+        resolve_inception_weights(tmp_path / "nope.pth")  # an explicit path is never silently replaced: an error
     assert resolve_inception_weights(fake_weights) == fake_weights
     monkeypatch.setenv(inception.WEIGHTS_ENV, str(fake_weights))
     assert resolve_inception_weights(None) == fake_weights
@@ -280,7 +280,8 @@ def run_files(tmp_path, monkeypatch):
     metrics = MetricsConfig.model_validate({"inception": {"n_uniform": 50, "n_small": 6, "splits": 2},
                                             "fisher": {"probes": 2, "n_examples": 5}, "batch_size": 8})
     run = SimpleNamespace(metrics=metrics, paths=PathsConfig(results=str(tmp_path / "results")), seed=0,
-                          device="cpu", profile="smoke", run_name="smoke/digits/jeat/s0")
+                          device="cpu", profile="smoke", run_name="smoke/digits/jeat/s0", dataset_name="digits",
+                          dataset=SimpleNamespace(num_classes=3, channels=1, image_size=8), model=cfg)
     return run, tmp_path
 
 

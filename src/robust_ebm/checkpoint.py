@@ -19,7 +19,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .files import BadFileError, load_torch
 from .runtime import atomic_torch_save
+
+RESUME_FIX = ("it is the run's resume state: move it away (or restore a good copy) to start the run afresh; "
+              "nothing was changed")
 
 
 def rng_state(generators: Mapping[str, torch.Generator]) -> dict:
@@ -75,5 +79,9 @@ def save_checkpoint(path: str | Path, ckpt: dict) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint onto the CPU with weights_only=True (no arbitrary code is unpickled)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Read a checkpoint onto the CPU with weights_only=True (no arbitrary code is unpickled);
+    files.BadFileError, naming the file, when it is truncated, corrupt or not a checkpoint."""
+    ckpt = load_torch(path, fix=RESUME_FIX)
+    if not isinstance(ckpt, dict):
+        raise BadFileError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict; {RESUME_FIX}")
+    return ckpt

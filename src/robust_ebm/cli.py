@@ -1,6 +1,7 @@
 """`robust-ebm`: the command line every workflow rule calls, one subcommand per stage.
 
-    robust-ebm check    --profile smoke                 validate params.yaml, print the job plan
+    robust-ebm check    --profile smoke                 validate params.yaml, print the job plan and
+                                                        where the data, Inception weights and device are
     robust-ebm data     --profile P --dataset D --out results/P/data/D
     robust-ebm train    ... --dataset D --method M --seed S --data DIR --out results/P/models/D/M/sS
     robust-ebm evaluate ... --model model.pt --out results/P/eval/D/M/sS.json
@@ -13,7 +14,8 @@
 
 Heavy libraries (torch, mlflow) are imported inside the subcommands, so
 `--help` is instant. Known user errors (bad params, missing data or Inception
-weights, a diverged run) print one paragraph and exit with status 2.
+weights, an unreadable or mismatched input file, a diverged run) print one
+paragraph and exit with status 2.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import logging
 import sys
 from pathlib import Path
 
-USER_ERRORS = {"ConfigError", "DataUnavailableError", "InceptionWeightsUnavailable", "TrainingDiverged"}
+USER_ERRORS = {"ConfigError", "DataUnavailableError", "InceptionWeightsUnavailable", "InceptionWeightsNotFound",
+               "BadFileError", "FileNotFoundError", "InputsMissing", "TrainingDiverged"}
 log = logging.getLogger("robust_ebm")
 
 
@@ -104,16 +107,48 @@ def _run_stage(args, stage: str, call, outputs) -> None:
 # --------------------------------------------------------------------------- subcommands
 
 
+class InputsMissing(RuntimeError):
+    """`robust-ebm check`: an input the profile's runs need is missing (listed above the error)."""
+
+
+def inputs_report(profile) -> tuple[list[str], list[str]]:
+    """Lines on the inputs a long run needs (data sets, Inception weights, device) and the missing ones."""
+    from .data import locate
+    from .metrics.inception import locate_weights
+    from .runtime import describe_device
+
+    lines, missing = [f"inputs of profile {profile.name}:"], []
+
+    def add(what: str, ok: bool, text: str) -> None:
+        lines.append(f"  {what}: {text}")
+        if not ok:
+            missing.append(what)
+
+    for key in profile.run_datasets:
+        add(f"data set {key}", *locate(profile.dataset(key)))
+    _, weights_text = locate_weights(profile.paths.inception_weights)  # a set but missing path raises
+    lines.append(f"  Inception weights: {weights_text}")  # missing ones have a recorded fallback
+    add(f"device ({profile.device})", *describe_device(profile.device))
+    return lines, missing
+
+
 def cmd_check(args) -> None:
     from .plan import Plan
 
-    params, _ = _profile_config(args)
-    plan = Plan(params, args.profile or params.profile, params_file=args.params)
+    params, profile = _profile_config(args)
+    plan = Plan(params, profile.name, params_file=args.params)
     print(f"{args.params}: valid ({len(params.profiles)} profiles: {', '.join(params.profiles)})")
     print(plan.describe())
     if args.jobs:
         for job in plan.jobs:
             print(job.command)
+    if args.skip_inputs:
+        return
+    lines, missing = inputs_report(profile)
+    print("\n".join(lines))
+    if missing:
+        raise InputsMissing(f"profile '{profile.name}' cannot run: {', '.join(missing)} missing (see above); "
+                            "supply them, or pass --skip-inputs to check params.yaml alone")
 
 
 def cmd_data(args) -> None:
@@ -250,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("check", cmd_check, "validate params.yaml and print the job plan of a profile")
     p.add_argument("--jobs", action="store_true", help="also print every job's command")
+    p.add_argument("--skip-inputs", action="store_true",
+                   help="do not look for the data sets, Inception weights and device the profile needs")
     p = add("data", cmd_data, "prepare a data set: splits and class statistics")
     p.add_argument("--dataset", required=True)
     p.add_argument("--out", required=True)

@@ -43,7 +43,6 @@ dataset_methods sets) does so in its own `dataset_methods`.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import re
 import types
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .attacks import AttackConfig
 from .histogram_attacks import NAMES as HISTOGRAM_ATTACK_NAMES, HistogramAttacksConfig
@@ -177,6 +176,14 @@ class ScheduleConfig(Strict):
         if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
             raise ValueError(f"milestones must be positive and strictly increasing, got {milestones}")
         return milestones
+
+    @model_validator(mode="after")
+    def _check_milestones_fit(self):
+        late = [m for m in self.milestones if m > self.epochs] if self.name == "multistep" else []
+        if late:
+            raise ValueError(f"milestones={late} lie beyond epochs={self.epochs}: that lr step would never "
+                             "happen; lower the milestone or raise schedule.epochs")
+        return self
 
 
 class SelectConfig(Strict):
@@ -348,7 +355,6 @@ class EnergyStatsConfig(Strict):
 
 
 class MetricsConfig(Strict):
-    batch_size: int = Field(200, ge=1, description="forward batch of the metric networks")
     inception: InceptionConfig = Field(default_factory=InceptionConfig)
     refclf: RefClfConfig = Field(default_factory=RefClfConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
@@ -524,6 +530,11 @@ class Params(Sections):
 
     profile: str = "paper"
     profiles: dict[str, ProfileSpec] = Field(min_length=1)
+    _source: str = PrivateAttr("params")   # the file it was read from, named in every error
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     def sections_as_written(self) -> dict[str, Any]:
         """The top-level sections as plain dicts, without the defaults that params.yaml leaves out."""
@@ -533,10 +544,11 @@ class Params(Sections):
         """Resolve profile `name` (default: the active `profile`); see the module docstring for merge order."""
         name = self.profile if name is None else name
         if name not in self.profiles:
-            raise ConfigError(f"unknown profile '{name}'; allowed: {sorted(self.profiles)}")
+            raise ConfigError(f"{self._source}: unknown profile '{name}'; allowed: {sorted(self.profiles)} "
+                              "(fix --profile, --config profile=..., or `profile:` in the file)")
         spec = self.profiles[name]
         merged = _apply_overrides(self.sections_as_written(), spec.overrides)
-        where = f"profile '{name}' (params after its overrides)"
+        where = f"{self._source}, profile '{name}' (params after its overrides)"
         sections = _validate(Sections, merged, where=where)
         by_dataset = _resolve_dataset_methods(sections, merged, where=where)
         paths = sections.paths.model_copy(update={"data_root": os.environ.get(DATA_ROOT_ENV) or sections.paths.data_root})
@@ -573,6 +585,7 @@ def params_from_dict(raw: Any, *, source: str = "params") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
     params = _validate(Params, raw, where=source)
+    params._source = source
     top_level = _resolve_dataset_methods(params, params.sections_as_written(), where=source)
     problems = _reference_problems(params, params, prefix="", by_dataset=top_level)
     if problems:
@@ -586,9 +599,27 @@ def params_from_dict(raw: Any, *, source: str = "params") -> Params:
                               f"allowed: {list(SECTION_NAMES)}")
         resolved = params.profile_config(name)
         problems = _reference_problems(resolved, spec, prefix=f"profiles.{name}.", by_dataset=resolved.methods_by_dataset)
+        problems += _selection_problems(resolved, resolved.runs, resolved.methods_by_dataset, f"profiles.{name}.")
         if problems:
             raise ConfigError(_report(f"{source}, profile '{name}'", problems))
     return params
+
+
+def validate_run(run: RunConfig) -> None:
+    """Check one resolved run as `load_params` checks params (a RunConfig edited or built in code skips
+    that); `train` calls it before any work. Raises ConfigError naming each bad key."""
+    where = f"methods.{run.method_name}"
+    try:
+        MethodConfig.model_validate(run.method.model_dump())
+        problems = []
+    except ValidationError as err:
+        problems = [f"{where}.{_describe(e, MethodConfig)}" for e in err.errors()]
+    problems += _method_problems([(where, run.method)])
+    if _selects_without_validation(run.method, run.dataset):
+        problems.append(f"{where}.select.rule: '{run.method.select.rule}' needs a validation split, but data set "
+                        f"'{run.dataset_name}' has n_valid 0; set n_valid > 0 or select.rule: last")
+    if problems:
+        raise ConfigError(_report(f"run {run.run_name}", problems))
 
 
 def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, prefix: str,
@@ -619,28 +650,44 @@ def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, pre
         for paper_name, d in spec.table_datasets.items():
             if d not in sections.datasets:
                 problems.append(f"{where}table_datasets.{paper_name}: unknown dataset '{d}'; allowed: {datasets}")
-    problems += _method_params_problems(method_configs)
+    problems += _method_problems(method_configs)
     return problems
 
 
-def _method_params_problems(method_configs: list[tuple[str, MethodConfig]]) -> list[str]:
-    """Ask robust_ebm.methods.validate_params(loss, params) about each method, once that package exists."""
-    try:
-        methods_pkg = importlib.import_module("robust_ebm.methods")
-    except ModuleNotFoundError as err:
-        if err.name == "robust_ebm.methods":
-            return []
-        raise
-    validate = getattr(methods_pkg, "validate_params", None)
-    if validate is None:
-        return []
-    problems = []
+def _method_problems(method_configs: list[tuple[str, MethodConfig]]) -> list[str]:
+    """What each method cannot run with (methods.method_problems: params, attack, sampler, p(x) stream).
+
+    A per-data-set copy (dataset_methods.<d>.<m>) reports only problems its methods.<m> does not
+    already have, so one bad setting is reported once.
+    """
+    from .methods import method_problems  # the methods package imports config's neighbours, not config
+
+    problems, seen = [], set()
     for where, method in method_configs:
-        try:
-            validate(method.loss, method.params)
-        except (ValueError, KeyError, TypeError) as err:
-            problems.append(f"{where}.params (loss '{method.loss}'): {err}")
+        name = where.split(".")[-1]
+        for key, text in method_problems(method):
+            if where.startswith("dataset_methods.") and (name, key, text) in seen:
+                continue
+            seen.add((name, key, text))
+            problems.append(f"{where}.{key}: {text}")
     return problems
+
+
+def _selects_without_validation(method: MethodConfig, dataset: DatasetConfig) -> bool:
+    """A select.rule on validation images, on a data set without a validation split."""
+    return method.select.rule != "last" and dataset.n_valid == 0
+
+
+def _selection_problems(sections: Sections, runs: list[tuple[str, str]], by_dataset, prefix: str) -> list[str]:
+    """`_selects_without_validation` for every run of a profile (one line per data set)."""
+    selecting: dict[str, list[str]] = {}
+    for d, m in runs:
+        if d not in sections.datasets or m not in sections.methods:
+            continue  # reported as unknown names
+        if _selects_without_validation(by_dataset.get(d, {}).get(m, sections.methods[m]), sections.datasets[d]):
+            selecting.setdefault(d, []).append(m)
+    return [f"{prefix}runs.{d}: datasets.{d}.n_valid is 0, but method(s) {ms} select their epoch on validation "
+            "images; set n_valid > 0 or their select.rule: last" for d, ms in selecting.items()]
 
 
 def _method_configs(methods: dict[str, MethodConfig],
@@ -671,8 +718,42 @@ def _validate(model: type[BaseModel], data: dict, *, where: str):
 
 
 def _report(where: str, problems: list[str]) -> str:
+    problems = _group_per_entry(problems)
     lines = "\n".join(f"  - {p}" for p in problems)
     return f"{where} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}"
+
+
+_PER_ENTRY = re.compile(r"^((?:dataset_methods\.[^.\s:]+\.)|(?:(?:methods|datasets|models)\.))([^.\s:]+)((?:\.[^\s:]*)?: .*)$")
+
+
+def _group_per_entry(problems: list[str]) -> list[str]:
+    """One line for a problem that several methods (data sets, models) share, e.g. a typo under a
+    profile's methods."*": 'methods.*.x: ... (in 18 methods: a, b, ...)' instead of one line each."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    order: list[tuple[str, str] | str] = []
+    for p in dict.fromkeys(problems):
+        match = _PER_ENTRY.match(p)
+        if match is None:
+            order.append(p)
+            continue
+        key = (match.group(1), match.group(3))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(match.group(2))
+    out = []
+    for item in order:
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        (prefix, rest), names = item, groups[item]
+        if len(names) == 1:
+            out.append(f"{prefix}{names[0]}{rest}")
+        else:
+            kind = "methods" if prefix.startswith(("methods", "dataset_methods")) else prefix.rstrip(".")
+            shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+            out.append(f"{prefix}*{rest} (in {len(names)} {kind}: {shown})")
+    return out
 
 
 def _describe(error: dict, root: type[BaseModel]) -> str:

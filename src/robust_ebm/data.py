@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .files import BadFileError, load_torch
 from .runtime import atomic_torch_save, atomic_write_json, pick_device
 
 if TYPE_CHECKING:  # config imports sampling/models; keep data importable from them without a cycle
@@ -201,6 +202,27 @@ def _torchvision_splits(name: str, root: Path, *, download: bool) -> tuple[Tenso
     return splits[0], splits[1], list(sets[0].classes)
 
 
+def locate(cfg: DatasetConfig) -> tuple[bool, str]:
+    """(can the data stage read it, where it is or where it looked): `robust-ebm check`'s data line.
+
+    True also when nothing is local but torchvision may download it (`download: true`)."""
+    if cfg.source == "sklearn_digits":
+        return True, "ships with scikit-learn (offline)"
+    root = Path(cfg.root)
+    if _has_imagefolder(root):
+        return True, f"ImageFolder layout at {root}"
+    looked = f"looked for {root}/train/<class>/* with {root}/test (or val)/<class>/*"
+    if cfg.source == "torchvision":
+        files = TORCHVISION_FILES[cfg.name]
+        if all((root / f).exists() for f in files):
+            return True, f"torchvision files {', '.join(files)} in {root}"
+        looked += f" and torchvision files {', '.join(files)} in {root}"
+        if cfg.download:
+            return True, f"not found locally ({looked}); the data stage will try torchvision's download into {root}"
+    return False, (f"MISSING ({looked}); put it there, or point env ROBUST_EBM_DATA_ROOT, paths.data_root or "
+                   "the data set's root to a copy" + ("" if cfg.source != "torchvision" else ", or set download: true"))
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
@@ -228,7 +250,9 @@ def read_image_folder(folder: str | Path, *, channels: int = 3, image_size: int 
                       max_per_class: int | None = None) -> tuple[TensorSplit, list[str]]:
     """Decode folder/<class>/<image> into uint8 tensors (classes in sorted order, as torchvision's ImageFolder).
 
-    Decoded with Pillow; images whose size differs from `image_size` are resized (bilinear, antialiased).
+    Decoded with Pillow; images whose size differs from `image_size` are resized (bilinear, antialiased),
+    but all images must share one size. An empty class folder, an image of another size, or a file that
+    cannot be decoded is refused (DataUnavailableError naming it) before anything is written.
     `max_per_class` keeps the first files (sorted by name) of each class.
     """
     import numpy as np
@@ -241,15 +265,28 @@ def read_image_folder(folder: str | Path, *, channels: int = 3, image_size: int 
     files = []
     for k, name in enumerate(classes):
         found = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DataUnavailableError(f"class folder {folder / name} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                                       "add its images or remove the folder (and fix num_classes)")
         files += [(p, k) for p in found[:max_per_class]]
     mode = "RGB" if channels == 3 else "L"
-    images = []
+    images, size = [], None
     for path, _ in tqdm(files, desc=f"decoding {folder}", unit="img", mininterval=1.0):
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            if image_size is not None and img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-            images.append(np.asarray(img).reshape(image_size or img.size[1], image_size or img.size[0], channels))
+        try:
+            with Image.open(path) as img:
+                if size is None:
+                    size, first = img.size, path
+                elif img.size != size:
+                    raise DataUnavailableError(
+                        f"image {path} is {img.size[0]}x{img.size[1]} but {first} (the first one) is {size[0]}x{size[1]}: "
+                        "every image of a data set must have one size; resize or remove it")
+                img = img.convert(mode)
+                if image_size is not None and img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+                images.append(np.asarray(img).reshape(image_size or img.size[1], image_size or img.size[0], channels))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL: UnidentifiedImageError, truncated data
+            raise DataUnavailableError(f"image {path} cannot be decoded ({type(err).__name__}: {_first_line(err)}); "
+                                       "replace or remove the file") from None
     images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([k for _, k in files], dtype=torch.long)
     return TensorSplit(images, labels), classes
@@ -429,8 +466,9 @@ def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Pat
     prof = params.profile_config(profile)
     cfg, out_dir = prof.dataset(dataset), Path(out_dir)
     splits = load_splits(cfg)
+    fallbacks: list[str] = []
     stats = class_stats(splits.train.float01(), splits.train.labels, cfg.num_classes, cfg.stats_rank,
-                        device=pick_device(prof.device))
+                        device=pick_device(prof.device, fallbacks))
     splits_path = atomic_torch_save(_splits_to_dict(splits), out_dir / "splits.pt")
     atomic_torch_save(stats.to_dict(), out_dir / "class_stats.pt")
     summary = {
@@ -438,7 +476,7 @@ def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Pat
         "counts": {name: len(getattr(splits, name)) for name in ("train", "valid", "test")},
         "num_classes": cfg.num_classes, "image_shape": list(splits.train.images.shape[1:]),
         "split_seed": cfg.split_seed, "classes": splits.classes, "stats_rank": stats.rank,
-        "splits_sha256": _sha256(splits_path),
+        "splits_sha256": _sha256(splits_path), "fallbacks": fallbacks,
     }
     if cfg.name == "CIFAR10" and splits.source.startswith("imagefolder"):
         summary["note"] = JPEG_CIFAR_NOTE
@@ -449,13 +487,16 @@ def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Pat
 def load_prepared(out_dir: str | Path) -> tuple[Splits, ClassStats]:
     """Read what `prepare_stage` wrote (torch.load with weights_only=True)."""
     out_dir = Path(out_dir)
-    for name in ("splits.pt", "class_stats.pt"):
-        if not (out_dir / name).is_file():
-            raise FileNotFoundError(f"{out_dir / name} is missing; run the data stage first (robust-ebm data ... --out {out_dir})")
-    state = torch.load(out_dir / "splits.pt", map_location="cpu", weights_only=True)
-    splits = Splits(**{name: TensorSplit(state[f"{name}_images"], state[f"{name}_labels"]) for name in ("train", "valid", "test")},
-                    classes=list(state["classes"]), source=state["source"])
-    stats = ClassStats.from_dict(torch.load(out_dir / "class_stats.pt", map_location="cpu", weights_only=True))
+    fix = f"rerun the data stage (robust-ebm data ... --out {out_dir})"
+    state = load_torch(out_dir / "splits.pt", fix=fix)
+    try:
+        splits = Splits(**{name: TensorSplit(state[f"{name}_images"], state[f"{name}_labels"])
+                           for name in ("train", "valid", "test")}, classes=list(state["classes"]), source=state["source"])
+        stats = ClassStats.from_dict(load_torch(out_dir / "class_stats.pt", fix=fix))
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, BadFileError):
+            raise
+        raise BadFileError(f"{out_dir} does not hold the data stage's splits.pt/class_stats.pt ({err}); {fix}") from None
     return splits, stats
 
 

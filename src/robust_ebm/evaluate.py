@@ -66,8 +66,8 @@ from .data import load_prepared
 from .energy import joint_energy, marginal_energy
 from .histogram_attacks import DIAGNOSTIC as HIST_DIAGNOSTIC
 from .histogram_attacks import ComponentUnavailable, build_component
-from .models import ArchitectureRequired, load_classifier
-from .runtime import atomic_write_bytes, atomic_write_json, pick_device, seed_everything
+from .models import load_for_run
+from .runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 DETERMINISTIC = "not applicable: deterministic model"
@@ -236,17 +236,6 @@ def _check_model_fits(model, x: Tensor, y: Tensor, model_path) -> None:
         raise ValueError(f"model {model_path} has {k} classes but the test labels reach {int(y.max())}")
 
 
-def load_for_run(run, model_path: Path, device: torch.device):
-    """`load_classifier`; a bare state_dict (a user's own file) takes the run's model config and data shapes."""
-    try:
-        model, meta = load_classifier(model_path, map_location=device)
-    except ArchitectureRequired:
-        d = run.dataset
-        model, meta = load_classifier(model_path, map_location=device, model_config=run.model,
-                                      num_classes=d.num_classes, in_channels=d.channels, image_size=d.image_size)
-    return model.to(device).eval().requires_grad_(False), meta
-
-
 def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
     """Evaluate one checkpoint (any file `models.load_classifier` reads) and write `out_path` JSON + energies npz."""
     model_path, out_path = Path(model_path), Path(out_path)
@@ -256,10 +245,11 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
         raise ValueError(f"--out must end in .json (got {out_path}); the energies go beside it as <name>.energies.npz")
     ev = run.evaluation
     t0 = time.time()
-    device = pick_device(run.device)
+    fallbacks: list[str] = []
+    device = pick_device(run.device, fallbacks)
     seed_everything(run.seed)
-    x, y = _load_test(run, data_dir, ev.n_examples)
     model, meta = load_for_run(run, model_path, device)
+    x, y = _load_test(run, data_dir, ev.n_examples)
     _check_model_fits(model, x, y, model_path)
     noise_std = float(meta.get("noise_std", 0.0) or 0.0)
 
@@ -279,9 +269,9 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
                                max_perturbation_linf=_check_budget(name, cfg, res["linf"]))
     columns["ebjdat_scale"] = _ebjdat_scale_column(model, x, y, ev, noise_std, run.seed, device, energies)
 
-    columns["autoattack"] = _autoattack_column(model, x, y, ev, device, energies)
+    columns["autoattack"] = _autoattack_column(model, x, y, ev, device, energies, fallbacks)
     columns["eot"] = _eot_column(model, x, y, ev, noise_std, run.seed, device, energies)
-    diagnostics = _histogram_attacks(model, x, y, clean["correct"], ev, device, energies)
+    diagnostics = _histogram_attacks(model, x, y, clean["correct"], ev, device, energies, fallbacks)
 
     energies_path = out_path.with_suffix(".energies.npz")
     buffer = io.BytesIO()
@@ -298,6 +288,7 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
         **({"histogram_attacks": diagnostics} if diagnostics is not None else {}),
         "energies_file": energies_path.name,
         "seconds": round(time.time() - t0, 3),
+        "fallbacks": fallbacks,
     }
     atomic_write_json(out_path, result)
     if tracker is not None:  # the caller logs `result` and the JSON; the energies go beside them
@@ -320,10 +311,13 @@ def _ebjdat_scale_column(model, x, y, ev, noise_std, seed, device, energies) -> 
                   test_noise=cfg.test_noise, test_noise_std=sigma)
 
 
-def _autoattack_column(model, x, y, ev, device, energies) -> dict:
+def _autoattack_column(model, x, y, ev, device, energies, fallbacks=None) -> dict:
     """Official AutoAttack on the first n points (deterministic model, eval mode, pixel-unit eps)."""
     aa = ev.autoattack
     n = len(y) if aa.n_examples is None else min(aa.n_examples, len(y))
+    if aa.n_examples is not None and n < aa.n_examples:
+        note_fallback(fallbacks, f"AutoAttack on {n} images, {aa.n_examples} requested "
+                      "(evaluation.autoattack.n_examples exceeds the evaluated images)")
     out = run_autoattack(model, x[:n], y[:n], eps=aa.eps, norm=aa.norm, version=aa.version,
                          batch_size=aa.batch_size, seed=aa.seed, device=device, return_adv=True)
     res = evaluate_inputs(model, out.pop("x_adv"), y[:n], batch_size=ev.batch_size, device=device, desc="autoattack energies")
@@ -365,7 +359,7 @@ def _num_classes(model, x: Tensor, device: torch.device) -> int:
         return int(model(x[:1].to(device)).shape[1])
 
 
-def _histogram_attacks(model, x, y, clean_correct: Tensor, ev, device, energies) -> dict | None:
+def _histogram_attacks(model, x, y, clean_correct: Tensor, ev, device, energies, fallbacks=None) -> dict | None:
     """One diagnostic entry per attack of `evaluation.histogram_attacks` on the first n points (None when off).
 
     These are per-component diagnostics (histogram_attacks.py), kept out of `columns`
@@ -375,6 +369,9 @@ def _histogram_attacks(model, x, y, clean_correct: Tensor, ev, device, energies)
     if cfg is None:
         return None
     n = min(cfg.n_examples, len(y))
+    if n < cfg.n_examples:
+        note_fallback(fallbacks, f"histogram attacks on {n} images, {cfg.n_examples} requested "
+                      "(evaluation.histogram_attacks.n_examples exceeds the evaluated images)")
     k = _num_classes(model, x, device)
     return {name: _histogram_entry(name, model, x[:n], y[:n], clean_correct[:n], cfg, k, ev.batch_size, device, energies)
             for name in cfg.attacks}

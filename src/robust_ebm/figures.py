@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .data import load_prepared
 from .energy import joint_energy, marginal_energy
+from .files import load_npz
 from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .models import load_classifier
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
@@ -341,9 +342,9 @@ class _Record:
 
 def _energy_sets(npz_path: Path) -> dict[str, dict[str, np.ndarray]]:
     """{set: {"E_x", "E_xy"}} from an `.energies.npz` of the evaluate or metrics stage."""
-    with np.load(npz_path) as f:
-        return {key[: -len("_marginal")]: {"E_x": f[key], "E_xy": f[key[: -len("_marginal")] + "_joint"]}
-                for key in f.files if key.endswith("_marginal") and key[: -len("_marginal")] + "_joint" in f.files}
+    f = load_npz(npz_path, fix="rerun the stage that wrote it (evaluate or metrics)")
+    return {key[: -len("_marginal")]: {"E_x": f[key], "E_xy": f[key[: -len("_marginal")] + "_joint"]}
+            for key in f if key.endswith("_marginal") and key[: -len("_marginal")] + "_joint" in f}
 
 
 def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
@@ -431,8 +432,8 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
 def _samples(record, fc, results_dir, dataset, method, seed, splits) -> None:
     samples_dir = results_dir / "samples" / dataset / method / f"s{seed}"
     for npz in sorted(samples_dir.glob("*.npz")) if samples_dir.is_dir() else []:
-        with np.load(npz) as f:
-            images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
+        f = load_npz(npz, fix="rerun the generate stage")
+        images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
         if len(images) == 0:
             continue
         classes = splits.classes if splits is not None else [str(k) for k in range(int(labels.max()) + 1)]

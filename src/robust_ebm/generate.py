@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from .attacks import AttackConfig, perturb
 from .data import load_prepared
-from .evaluate import load_for_run
+from .files import BadFileError, load_torch
+from .models import load_for_run
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 
@@ -148,7 +149,7 @@ def find_buffer(model_path: Path, meta: dict) -> Path | None:
 
 def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, device=torch.device("cpu")) -> tuple[Tensor, Tensor]:
     """Images of a saved replay buffer ({"images": float [0,1] (N,C,H,W), optional "labels"}); predictions label the rest."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch(path, fix=BUFFER_FIX)
     images = state.get("images") if isinstance(state, dict) else None
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"{path} is not a replay buffer: expected a dict with 'images' of shape (N,C,H,W)")
@@ -213,7 +214,8 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
     method = run.method_name
     chosen = gen_cfg.for_method(method)
 
-    device = pick_device(run.device)
+    fallbacks: list[str] = []
+    device = pick_device(run.device, fallbacks)
     model, meta = load_for_run(run, model_path, device)
     splits, stats = load_prepared(data_dir)
     shape = tuple(splits.test.images.shape[1:])
@@ -222,7 +224,7 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
 
     json_path = out_dir / "generate.json"
     report = {"method": method, "model_path": str(model_path), "seed": run.seed, "n_per_class": gen_cfg.n_per_class,
-              "num_classes": num_classes, "generators": {}}
+              "num_classes": num_classes, "generators": {}, "fallbacks": fallbacks}
     for name, spec in chosen.items():
         npz, grid = out_dir / f"{name}.npz", out_dir / f"{name}_grid.png"
         record = {"kind": spec.kind, "init": spec.init, "files": {"npz": npz.name, "grid": grid.name},
@@ -266,8 +268,14 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
     return report
 
 
+BUFFER_FIX = "rerun the train stage, which writes it beside model.pt"
+
+
 def _buffer_length(path: Path) -> int:
-    return len(torch.load(path, map_location="cpu", weights_only=True)["images"])
+    state = load_torch(path, fix=BUFFER_FIX)
+    if not isinstance(state, dict) or not isinstance(state.get("images"), Tensor):
+        raise BadFileError(f"{path} is not a replay buffer (a dict with 'images'); {BUFFER_FIX}")
+    return len(state["images"])
 
 
 def _previous(json_path: Path, name: str, fallback: dict) -> dict:

@@ -30,6 +30,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from .files import BadFileError, load_torch
 from .runtime import atomic_torch_save
 from .schema_types import Strict
 
@@ -231,6 +232,10 @@ def _check_meta(value, where: str = "meta") -> None:
                         "convert it to str, int, float, bool, list, dict or a tensor")
 
 
+CHECKPOINT_FIX = ("rerun the train stage that writes it, or pass a file written by models.save_classifier "
+                  "or a state_dict")
+
+
 class ArchitectureRequired(ValueError):
     """A checkpoint holds only weights: the caller must name the architecture and data shapes."""
 
@@ -257,8 +262,8 @@ def _user_state_dict(payload, path) -> dict[str, Tensor]:
                 payload = payload[key]
                 break
     if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
-        raise ValueError(f"{path} holds neither a robust-ebm checkpoint nor a state_dict "
-                         "(a dict of tensors, possibly under 'state_dict', 'model_state_dict' or 'model')")
+        raise BadFileError(f"{path} holds neither a robust-ebm checkpoint nor a state_dict "
+                           f"(a dict of tensors, possibly under 'state_dict', 'model_state_dict' or 'model'); {CHECKPOINT_FIX}")
     state = {}
     for key, value in payload.items():
         for prefix in ("module.", "_orig_mod."):
@@ -271,18 +276,35 @@ def _load_weights(model: Classifier, state: dict[str, Tensor], cfg: ModelConfig,
     expected, given = set(model.state_dict()), set(state)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
-        raise ValueError(
-            f"{path}: state_dict keys do not match a Classifier built from {cfg.model_dump()}.\n"
-            f"  missing ({len(missing)}): {missing[:8]}\n  unexpected ({len(unexpected)}): {unexpected[:8]}\n"
-            "Pass the architecture the weights were trained with (model_config arch/depth/width/norm), "
-            "or rename the keys to this layout (normalize/stem/trunk/fc).")
+        raise BadFileError(
+            f"{path}: state_dict keys do not match a Classifier built from {cfg.model_dump()} "
+            f"(missing {len(missing)}: {missing[:4]}; unexpected {len(unexpected)}: {unexpected[:4]}); "
+            "pass the architecture the weights were trained with (model_config arch/depth/width/norm), "
+            "or rename the keys to this layout (normalize/stem/trunk/fc)")
     own = model.state_dict()
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
              if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{path}: tensor shapes differ from the requested architecture: {wrong[:5]}. "
+        raise BadFileError(f"{path}: tensor shapes differ from the requested architecture: {wrong[:5]}. "
                          "Check width/depth, num_classes, in_channels.")
     model.load_state_dict(state)
+
+
+def load_for_run(run, path: str | Path, device="cpu", *, own_model: bool = True) -> tuple[Classifier, dict]:
+    """The classifier in `path` for `run` (a RunConfig) on `device`, in eval mode, parameters frozen.
+
+    The file must fit the run's data set (classes, channels, image size, and the data set named in
+    its meta) and, with `own_model`, the run's architecture (`run.model`); a bare state_dict takes
+    them. Anything else is refused with BadFileError before any work.
+    """
+    d = run.dataset
+    model, meta = load_classifier(path, device, model_config=run.model if own_model else None,
+                                  num_classes=d.num_classes, in_channels=d.channels, image_size=d.image_size)
+    trained_on = meta.get("dataset")
+    if isinstance(trained_on, str) and trained_on != run.dataset_name:
+        raise BadFileError(f"{path} was trained on data set '{trained_on}', not '{run.dataset_name}'; pass a "
+                           f"model trained on '{run.dataset_name}'")
+    return model.to(device).eval().requires_grad_(False), meta
 
 
 def load_classifier(path: str | Path, map_location="cpu", *, model_config: ModelConfig | None = None,
@@ -297,18 +319,21 @@ def load_classifier(path: str | Path, map_location="cpu", *, model_config: Model
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no classifier checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_torch(path, fix=CHECKPOINT_FIX, map_location=map_location)
     given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
 
     if isinstance(payload, dict) and "model_config" in payload and "state_dict" in payload:
         cfg = ModelConfig(**payload["model_config"])
         if model_config is not None and model_config != cfg:
-            raise ValueError(f"{path} was saved with {cfg.model_dump()}, not the model_config passed "
-                             f"({model_config.model_dump()}); drop the model_config argument")
+            raise BadFileError(f"{path} is a {architecture_name(cfg)} checkpoint ({cfg.model_dump(exclude_defaults=True)}), "
+                               f"not the expected {architecture_name(model_config)} "
+                               f"({model_config.model_dump(exclude_defaults=True)}); pass this run's own model file")
         shapes = {k: payload[k] for k in given}
-        for key, value in given.items():
-            if value is not None and value != shapes[key]:
-                raise ValueError(f"{path} was saved with {key}={shapes[key]}, not {value}")
+        wrong = [f"{key}={shapes[key]}, not {value}" for key, value in given.items()
+                 if value is not None and value != shapes[key]]
+        if wrong:
+            raise BadFileError(f"{path} was saved for other data ({'; '.join(wrong)}); pass a model trained "
+                               "on this data set")
         state, meta = payload["state_dict"], payload["meta"]
     else:
         missing = [k for k, v in {"model_config": model_config, **given}.items() if v is None]

@@ -1,8 +1,9 @@
-"""Run-time plumbing shared by every stage: device choice, seeding, atomic writes."""
+"""Run-time plumbing shared by every stage: device choice, fallbacks, seeding, atomic writes."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import tempfile
@@ -15,14 +16,45 @@ import torch
 from torch import nn
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; any other string is passed to torch.device."""
+FALLBACK_LOG = logging.getLogger("robust_ebm.fallback")
+CPU_FALLBACK = "device auto: no CUDA GPU available, ran on the CPU"
+
+
+def note_fallback(fallbacks: list[str] | None, message: str) -> None:
+    """A fallback (a stand-in, the CPU for the GPU, a smaller subset) is never silent: it is logged as a
+    warning and appended to `fallbacks`, which the stage writes into its output JSON (key "fallbacks");
+    the tables stage repeats them in its captions."""
+    FALLBACK_LOG.warning("fallback: %s", message)
+    if fallbacks is not None and message not in fallbacks:
+        fallbacks.append(message)
+
+
+def pick_device(name: str = "auto", fallbacks: list[str] | None = None) -> torch.device:
+    """'auto' -> CUDA when available, else CPU (a fallback, see `note_fallback`); any other string is
+    passed to torch.device."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        note_fallback(fallbacks, CPU_FALLBACK)
+        return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device '{name}' requested but CUDA is not available; use device: auto or cpu")
     return device
+
+
+def describe_device(name: str) -> tuple[bool, str]:
+    """(usable, what the stages will run on) for a profile's `device`: `robust-ebm check`'s line."""
+    cuda = torch.cuda.is_available()
+    gpu = f"CUDA ({torch.cuda.get_device_name(0)})" if cuda else ""
+    if name == "cpu":
+        return True, "cpu (the profile asks for the CPU)"
+    if name == "auto":
+        return True, gpu or ("CPU: no CUDA GPU available, so the stages will run on the CPU (a fallback each stage "
+                             "logs and records; a GPU profile takes far longer)")
+    if name == "cuda" and not cuda:
+        return False, "MISSING: the profile asks for cuda but no CUDA GPU is available; use device: auto or cpu"
+    return True, gpu or name
 
 
 def seed_everything(seed: int) -> torch.Generator:

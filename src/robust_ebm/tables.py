@@ -142,10 +142,26 @@ class Results:
         self._cache: dict[Path, Any] = {}
 
     def get(self, kind: str, dataset: str, method: str, seed: int) -> dict | None:
-        path = self.root / kind / dataset / method / f"s{seed}.json"
+        path = (self.root / "models" / dataset / method / f"s{seed}" / "train.json" if kind == "train"
+                else self.root / kind / dataset / method / f"s{seed}.json")
         if path not in self._cache:
             self._cache[path] = json.loads(path.read_text()) if path.is_file() else None
         return self._cache[path]
+
+    def fallbacks(self, profile) -> str:
+        """The fallbacks the profile's train/eval/metrics outputs record (runtime.note_fallback), for captions."""
+        counts: dict[str, int] = {}
+        n = 0
+        for dataset, method in profile.runs:
+            for seed in profile.seeds:
+                for kind in ("train", "eval", "metrics"):
+                    data = self.get(kind, dataset, method, seed)
+                    n += data is not None
+                    for message in (data or {}).get("fallbacks", []):
+                        counts[message] = counts.get(message, 0) + 1
+        if not counts:
+            return ""
+        return " Fallbacks: " + "; ".join(f"{m} ({k} of {n} stage outputs)" for m, k in counts.items()) + "."
 
 
 def our_cell(results: Results, profile, dataset: str, method: str, metric_path: tuple, generator: str) -> Cell:
@@ -265,7 +281,8 @@ def build_table(paper: str, table_id: str, records: list[dict], profile, results
             "paper": row["paper"], "units": row["units"], "ours": ours, "notes": "; ".join(notes),
             "diff_blocked": None if why else _diff_blocked(dataset, ours_dataset, arch, ours_arch),
         })
-    caption = _caption(paper, table_id, records[0].get("caption_summary", ""), profile, rows, dataset_notes)
+    caption = (_caption(paper, table_id, records[0].get("caption_summary", ""), profile, rows, dataset_notes)
+               + results.fallbacks(profile))
     return Table(paper, table_id, caption, metrics + stand_ins, out_rows)
 
 

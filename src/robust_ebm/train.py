@@ -45,12 +45,14 @@ from tqdm.auto import tqdm
 
 from . import attacks, data
 from .checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
+from .config import validate_run
+from .files import BadFileError
 from .dynamics import DynamicsRecorder
 from .evaluate import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
 from .models import build_model, save_classifier
 from .optim import SAM, LRSchedule, build_optimizer, frozen_bn_stats
-from .runtime import atomic_torch_save, atomic_write_json, model_mode, pick_device, seed_everything
+from .runtime import atomic_torch_save, atomic_write_json, model_mode, note_fallback, pick_device, seed_everything
 
 
 class TrainingDiverged(RuntimeError):
@@ -208,28 +210,13 @@ def _fingerprint(run) -> str:
     return hashlib.sha256(repr(sorted(keys.items())).encode()).hexdigest()[:16]
 
 
-def check_run(run, splits) -> None:
-    """Refuse impossible settings before any work (selection rule, epochs, validation split)."""
-    m = run.method
-    epochs = m.schedule.epochs
-    if m.select.rule != "last":
-        if len(splits.valid.labels) == 0:
-            raise ValueError(f"select.rule '{m.select.rule}' needs a validation split, but dataset "
-                             f"'{run.dataset_name}' has n_valid 0; set n_valid > 0 or select.rule: last")
-        if m.select.from_epoch > epochs:
-            raise ValueError(f"methods.{run.method_name}.select.from_epoch={m.select.from_epoch} exceeds "
-                             f"schedule.epochs={epochs}; no epoch could be selected")
-    for milestone in m.schedule.milestones if m.schedule.name == "multistep" else []:
-        if milestone > epochs:
-            raise ValueError(f"methods.{run.method_name}.schedule.milestones has {milestone} > epochs {epochs}")
-
-
 class Trainer:
     """Holds the live objects of one run; `fit` trains, `finish` writes the outputs."""
 
     def __init__(self, run, splits, stats, out_dir, tracker=None):
         self.run, self.splits, self.out_dir, self.tracker = run, splits, Path(out_dir), tracker
-        self.device = pick_device(run.device)
+        self.fallbacks: list[str] = []
+        self.device = pick_device(run.device, self.fallbacks)
         m, t = run.method, run.training
         seed_everything(run.seed)
         self.precision = resolve_precision(t.precision, self.device, m.sampler is not None)
@@ -246,6 +233,12 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, m.schedule, steps_per_epoch=self.streams.steps_per_epoch)
         self.dynamics = DynamicsRecorder(m.dynamics, attack_cfg=t.val_pgd, device=self.device)
         n_fixed = min(m.dynamics.n_fixed, len(splits.train.labels))
+        if n_fixed < m.dynamics.n_fixed:
+            note_fallback(self.fallbacks, f"energy dynamics on {n_fixed} training images, {m.dynamics.n_fixed} "
+                          "requested (dynamics.n_fixed exceeds the training split)")
+        if 0 < len(splits.valid.labels) < t.val_n_examples:
+            note_fallback(self.fallbacks, f"validation on {len(splits.valid.labels)} images, {t.val_n_examples} "
+                          "requested (training.val_n_examples exceeds the validation split)")
         self.fixed = (_as_float(splits.train.images[:n_fixed]), splits.train.labels[:n_fixed].long())
         self.best_state: dict | None = None
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "seconds": 0.0, "images": 0,
@@ -265,9 +258,9 @@ class Trainer:
 
     def load(self) -> None:
         ckpt = load_checkpoint(self.ckpt_path)
-        if ckpt["progress"].get("fingerprint") != self.progress["fingerprint"]:
-            raise ValueError(f"{self.ckpt_path} was written by a different configuration of run "
-                             f"{self.run.run_name}; delete it (or the whole {self.out_dir}) to start afresh")
+        if (ckpt.get("progress") or {}).get("fingerprint") != self.progress["fingerprint"]:
+            raise BadFileError(f"{self.ckpt_path} was written by a different configuration of run "
+                               f"{self.run.run_name}; move it (or the whole {self.out_dir}) away to start afresh")
         self.progress = restore(ckpt, self._stateful(), {"method": self.generator})
         self.best_state = ckpt.get("best_state")
 
@@ -487,7 +480,8 @@ class Trainer:
         summary = {"run": run.run_name, "epochs": p["epoch"], "steps": p["global_step"], "complete": complete,
                    "selected_epoch": selected, "best_epoch": p["best_epoch"], "select_rule": m.select.rule,
                    "val": p["val"], "seconds": seconds, "images_per_s": p["images"] / seconds if seconds else None,
-                   "retries": p["retries"], "precision": self.precision, "device": str(self.device)}
+                   "retries": p["retries"], "precision": self.precision, "device": str(self.device),
+                   "fallbacks": self.fallbacks}
         atomic_write_json(self.out_dir / "train.json", summary)
         atomic_write_json(self.out_dir / "dynamics.json", self.dynamics.as_json())
         if self.tracker is not None:
@@ -507,7 +501,7 @@ def train_stage(run, data_dir, out_dir, tracker=None, *, max_steps: int | None =
 def train_splits(run, splits, stats, out_dir, tracker=None, *, max_steps: int | None = None,
                  resume: bool = True) -> dict:
     """`train_stage` on splits already in memory (train and valid are read; test never is)."""
-    check_run(run, splits)
+    validate_run(run)  # the load-time checks again: a RunConfig may have been edited since
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(run, splits, stats, out_dir, tracker)

@@ -1,7 +1,8 @@
 """Training methods: one file per method family, each a loss over a batch (see base.Method).
 
-REGISTRY maps `MethodConfig.loss` names to classes; `build_method(cfg, ...)` instantiates one and
-`validate_params(loss, params)` checks a `params:` block at config load time.
+REGISTRY maps `MethodConfig.loss` names to classes; `build_method(cfg, ...)` instantiates one;
+`method_problems(cfg)` lists what a method cannot run with (params, attack, sampler, p(x) stream),
+which config.py checks for every method when params.yaml loads.
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def validate_params(loss_name: str, params: dict) -> Strict:
     return parse_params(method_class(loss_name).Params, params, loss_name)
 
 
+def method_problems(cfg) -> list[tuple[str, str]]:
+    """(key, problem) for every setting of MethodConfig `cfg` that its method cannot run with (base.Method)."""
+    if cfg.loss not in REGISTRY:
+        return [("loss", f"unknown method loss '{cfg.loss}'; allowed: {', '.join(REGISTRY)}")]
+    return REGISTRY[cfg.loss].config_problems(cfg)
+
+
 def build_method(cfg, **kw) -> Method:
     """Instantiate the method named by cfg.loss (kw: num_classes, image_shape, stats, device, generator)."""
     return method_class(cfg.loss)(cfg, **kw)
 
 
-__all__ = ["Batch", "LossOutput", "Method", "REGISTRY", "build_method", "validate_params"]
+__all__ = ["Batch", "LossOutput", "Method", "REGISTRY", "build_method", "method_problems", "validate_params"]

@@ -62,14 +62,66 @@ def parse_params(schema: type[Strict], params, name: str) -> Strict:
 
 
 class Method(ABC):
-    """Base class: one subclass per training method (see the module docstring for the protocol)."""
+    """Base class: one subclass per training method (see the module docstring for the protocol).
+
+    What a method needs from its `MethodConfig` is declared by class attributes and checked by
+    `config_problems` when params.yaml loads (config.py), so `robust-ebm check` rejects every
+    setting that building the method would reject; `__init__` runs the same check.
+    """
 
     Params: type[Strict] = NoParams
     needs_px_stream: bool = False
     attack_objectives: tuple[str, ...] = ()  # non-empty: cfg.attack is required, with one of these objectives
+    no_attack_hint: str = "remove the attack block"  # empty attack_objectives: the method takes no attack
+    needs_sampler: bool = False              # True: cfg.sampler is required (energy sampler_energy); else forbidden
+    sampler_energy: str = "marginal"
+
+    @classmethod
+    def config_problems(cls, cfg) -> list[tuple[str, str]]:
+        """(key under methods.<name>, what is wrong and how to fix it) for every setting this method cannot run with."""
+        name, problems = cfg.loss, []
+        try:
+            parse_params(cls.Params, cfg.params, name)
+        except ValueError as err:
+            problems.append(("params", str(err)))
+        if cls.attack_objectives:
+            allowed = " or ".join(cls.attack_objectives)
+            if cfg.attack is None:
+                problems.append(("attack", f"loss '{name}' needs an attack block with objective {allowed}; add one"))
+            elif cfg.attack.objective not in cls.attack_objectives:
+                problems.append(("attack.objective", f"loss '{name}' needs objective {allowed}, "
+                                 f"got '{cfg.attack.objective}'"))
+        elif cfg.attack is not None:
+            problems.append(("attack", f"loss '{name}' takes no attack; {cls.no_attack_hint}"))
+        if cls.needs_sampler:
+            if cfg.sampler is None:
+                problems.append(("sampler", f"loss '{name}' needs a sampler block (SGLD/PYLD on E(x)); add one"))
+            elif cfg.sampler.energy != cls.sampler_energy:
+                problems.append(("sampler.energy", f"loss '{name}' samples with energy '{cls.sampler_energy}', "
+                                 f"got '{cfg.sampler.energy}'; set sampler.energy: {cls.sampler_energy}"))
+        else:
+            if cfg.sampler is not None:
+                problems.append(("sampler", f"loss '{name}' takes no sampler; remove the sampler block"))
+            if getattr(getattr(cfg, "guard", None), "remedy", None) == "more_sgld_steps":
+                problems.append(("guard.remedy", f"'more_sgld_steps' needs a sampler, which loss '{name}' has not; "
+                                 "use lr_decay or reseed"))
+        if not cls.needs_px_stream:
+            for key in ("px_batch_size", "px_augment", "px_noise_std"):
+                if getattr(getattr(cfg, "data", None), key, None) is not None:
+                    problems.append((f"data.{key}", f"loss '{name}' has no p(x) stream, so {key} would be ignored; "
+                                     "remove it"))
+        return problems
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """`config_problems` as one ValueError (for configs built outside load_params, e.g. bench, tests)."""
+        problems = cls.config_problems(cfg)
+        if problems:
+            raise ValueError(f"method '{cfg.loss}': " + "; ".join(f"{key}: {text}" for key, text in problems))
 
     def __init__(self, cfg, *, num_classes: int, image_shape: tuple[int, int, int], stats=None,
                  device, generator: torch.Generator):
+        self.check_config(cfg)
         self.cfg = cfg
         self.name = cfg.loss
         self.params = parse_params(self.Params, cfg.params, self.name)
@@ -78,13 +130,6 @@ class Method(ABC):
         self.stats = stats
         self.device = torch.device(device)
         self.generator = generator
-        if self.attack_objectives:
-            allowed = " or ".join(self.attack_objectives)
-            if cfg.attack is None:
-                raise ValueError(f"method '{self.name}' needs an `attack:` block with objective {allowed}")
-            if cfg.attack.objective not in self.attack_objectives:
-                raise ValueError(f"method '{self.name}' needs attack.objective {allowed}, "
-                                 f"got '{cfg.attack.objective}'; fix methods.{self.name}.attack in params.yaml")
 
     @abstractmethod
     def prepare(self, model, batch: Batch, *, epoch: int) -> dict[str, Tensor]:

@@ -112,12 +112,7 @@ class EBJDAT(JEM):
     """JEM plus an adversarial energy contrast and CE on x̃ (sampler back-end from `sampler:`)."""
 
     Params = EbjdatParams
-
-    def __init__(self, cfg, **kw):
-        if cfg.attack is not None:
-            raise ValueError(f"method '{cfg.loss}' takes its x̃ sampler from params (eps, step, in_steps, "
-                             "sampler_variant); remove its `attack:` block")
-        super().__init__(cfg, **kw)
+    no_attack_hint = "its x̃ sampler is set in params (eps, step, in_steps, sampler_variant); remove the attack block"
 
     def sample_xadv(self, model, x: Tensor, y: Tensor) -> Tensor:
         p = self.params

@@ -73,14 +73,10 @@ class SamplerMethod(Method):
     """A method that keeps a persistent sampler on E(x) (JEAT, the JEM family, EB-JDAT)."""
 
     remedies = ("more_sgld_steps",)
+    needs_sampler = True
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
-        if cfg.sampler is None:
-            raise ValueError(f"method '{self.name}' needs a `sampler:` block (SGLD/PYLD on E(x))")
-        if cfg.sampler.energy != "marginal":
-            raise ValueError(f"method '{self.name}' samples p(x): set sampler.energy: marginal, "
-                             f"not '{cfg.sampler.energy}'")
         self.sampler = PersistentSampler(cfg.sampler, image_shape=self.image_shape, num_classes=self.num_classes,
                                          stats=self.stats, device=self.device, generator=self.generator)
 

@@ -8,7 +8,9 @@ uint8 NCHW RGB images, so we feed uint8 and never floats (anchors.md §11, lesso
 
 Weights are never replaced by other weights: when the file cannot be found or downloaded we raise
 `InceptionWeightsUnavailable` with instructions. Callers may then compute clearly labelled
-stand-in metrics (`metrics.refclf`), never a number called 'fid'.
+stand-in metrics (`metrics.refclf`), never a number called 'fid', and say so (a logged, recorded
+fallback). A weights path that is set (params `paths.inception_weights` or the environment
+variable) but does not exist is a configuration error, `InceptionWeightsNotFound`: no fallback.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ PARAMS_KEY = "paths.inception_weights"
 
 class InceptionWeightsUnavailable(RuntimeError):
     """The Inception weights file is neither given, cached, nor downloadable."""
+
+
+class InceptionWeightsNotFound(FileNotFoundError):
+    """An explicitly configured Inception weights path does not exist (an error, never a fallback)."""
 
 
 def hub_weights_path() -> Path:
@@ -62,9 +68,10 @@ def resolve_inception_weights(path: str | Path | None = None, *, download: bool 
     if explicit:
         found = Path(explicit).expanduser()
         if not found.is_file():
-            source = f"`{PARAMS_KEY}`" if path else f"${WEIGHTS_ENV}"
-            raise InceptionWeightsUnavailable(
-                f"Inception weights file {found} (from {source}) does not exist. {_how_to_supply()}"
+            source = f"params `{PARAMS_KEY}`" if path else f"${WEIGHTS_ENV}"
+            raise InceptionWeightsNotFound(
+                f"Inception weights file {found} (set by {source}) does not exist; fix or unset {source} "
+                f"(unset: the torch hub cache {hub_weights_path()}, else a download, else the refclf stand-in)"
             )
         return found
     cached = hub_weights_path()
@@ -81,6 +88,18 @@ def resolve_inception_weights(path: str | Path | None = None, *, download: bool 
         f"Inception weights {WEIGHTS_FILE} are missing: no `{PARAMS_KEY}` in params, no ${WEIGHTS_ENV}, "
         f"not in the torch hub cache {cached}, and {reason}. {_how_to_supply()}"
     )
+
+
+def locate_weights(path: str | Path | None) -> tuple[bool, str]:
+    """(usable, where / what is missing and how to supply it) without downloading: `robust-ebm check`'s line.
+
+    An explicit path that does not exist raises InceptionWeightsNotFound, as in the metrics stage."""
+    try:
+        return True, f"found: {resolve_inception_weights(path, download=False)}"
+    except InceptionWeightsUnavailable:
+        return False, (f"not found (params `{PARAMS_KEY}` and ${WEIGHTS_ENV} unset; not in the torch hub cache "
+                       f"{hub_weights_path()}); the metrics stage will try a download, else IS/FID fall back to the "
+                       f"*_refclf stand-in (a recorded fallback). {_how_to_supply()}")
 
 
 def load_inception(weights: str | Path, device: torch.device | str = "cpu") -> FeatureExtractorInceptionV3:

@@ -8,7 +8,10 @@ Every number carries the name of what was computed:
   is_inception_n{N}, is_std_inception_n{N}, fid_inception_n{N}   Inception, N = samples really used
   fid_refclf, is_refclf, class_consistency_refclf                  reference-classifier stand-in
 When the Inception weights are unavailable, `inception` = {"status": "unavailable", "reason": ...}
-and only the `_refclf` numbers exist: the absence is written down, nothing is substituted silently.
+and only the `_refclf` numbers exist: the absence is logged as a warning and listed under
+"fallbacks" (as is the CPU standing in for the GPU and any subset smaller than requested), and
+nothing is substituted silently. A weights path that is set but missing is an error, raised
+before any work (inception.InceptionWeightsNotFound).
 When the reference classifier is the scored model itself (the run of `metrics.refclf.method`), each
 generator's `refclf` is {"status": "not computed: ..."}: its samples were optimised against that network.
 """
@@ -24,8 +27,9 @@ import numpy as np
 import torch
 
 from ..data import load_prepared
-from ..models import load_classifier
-from ..runtime import atomic_write_bytes, atomic_write_json, pick_device, seed_everything
+from ..files import BadFileError, load_npz
+from ..models import load_for_run
+from ..runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
 from .energy_stats import compute_energies, energy_report
 from .fisher import fisher_scores
 from .inception import (
@@ -38,6 +42,8 @@ from .inception import (
 from .refclf import refclf_metrics, refclf_reference_stats
 
 EVAL_SET_SUFFIXES = ("_marginal", "_joint")
+INCEPTION_FALLBACK = ("IS/FID: Inception weights unavailable, so only the *_refclf stand-in (reference-classifier "
+                      "features) was computed; supply the weights (see `robust-ebm check`) for Inception IS/FID")
 
 
 def _reference_images(splits, which: str) -> torch.Tensor:
@@ -50,13 +56,20 @@ def _load_samples(samples_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tens
     index = samples_dir / "generate.json"
     if not index.is_file():
         raise FileNotFoundError(f"no {index}; run the generate stage first (robust-ebm generate ... --out {samples_dir})")
+    fix = f"rerun the generate stage (robust-ebm generate ... --out {samples_dir})"
+    try:
+        generators = json.loads(index.read_text())["generators"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise BadFileError(f"{index} is not the generate stage's index ({type(err).__name__}: {err}); {fix}") from None
     samples = {}
-    for name, record in json.loads(index.read_text())["generators"].items():
+    for name, record in generators.items():
         npz = samples_dir / record.get("files", {}).get("npz", f"{name}.npz")
         if record.get("count", 0) == 0 or not npz.is_file():
             continue  # e.g. a buffer generator skipped for a method without a replay buffer
-        with np.load(npz) as f:
-            samples[name] = (torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long())
+        arrays = load_npz(npz, fix=fix)
+        if "images" not in arrays or "labels" not in arrays:
+            raise BadFileError(f"{npz} holds {sorted(arrays)}, not images and labels; {fix}")
+        samples[name] = (torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long())
     return samples
 
 
@@ -68,11 +81,11 @@ def _eval_energies(eval_path: Path | None) -> dict[str, dict[str, torch.Tensor]]
     if not npz.is_file():
         raise FileNotFoundError(f"no {npz} beside {eval_path}; rerun the evaluate stage, which writes both")
     sets = {}
-    with np.load(npz) as f:
-        for key in f.files:
-            if key.endswith("_marginal") and f"{key[:-9]}_joint" in f.files:
-                col = key[: -len("_marginal")]
-                sets[col] = {"E_x": torch.from_numpy(f[key]), "E_xy": torch.from_numpy(f[f"{col}_joint"])}
+    f = load_npz(npz, fix=f"rerun the evaluate stage, which writes {eval_path.name} and {npz.name}")
+    for key in f:
+        if key.endswith("_marginal") and f"{key[:-9]}_joint" in f:
+            col = key[: -len("_marginal")]
+            sets[col] = {"E_x": torch.from_numpy(f[key]), "E_xy": torch.from_numpy(f[f"{col}_joint"])}
     return sets
 
 
@@ -81,12 +94,15 @@ def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(seed))[:n]
 
 
-def _inception_for(images, reference, cfg, *, weights, net, seed, batch_size) -> dict:
+def _inception_for(images, reference, cfg, *, weights, net, seed, batch_size, fallbacks=None) -> dict:
     """Uniform (n_uniform) and small (n_small) protocols, named by the number of samples really used."""
     out, protocols = {}, {}
     for protocol, requested in (("uniform", cfg.n_uniform), ("small", cfg.n_small)):
         n = min(requested, len(images))
         note = "" if n == requested else f"only {len(images)} samples available, {requested} requested"
+        if note:
+            note_fallback(fallbacks, f"IS/FID {protocol} protocol on {n} samples, {requested} requested "
+                          "(metrics.inception; fewer were generated)")
         protocols[protocol] = {"requested": requested, "n": n, "keys_suffix": f"inception_n{n}", "note": note}
         if f"fid_inception_n{n}" in out:
             continue
@@ -122,34 +138,44 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
             "first, or set metrics.refclf.enabled: false")
     if eval_path is not None and not eval_path.is_file():
         raise FileNotFoundError(f"no evaluation result at {eval_path}; run the evaluate stage first")
+    try:  # before any work: a configured but missing weights path raises InceptionWeightsNotFound here
+        weights, missing_weights = resolve_inception_weights(run.paths.inception_weights), None
+    except InceptionWeightsUnavailable as err:
+        weights, missing_weights = None, err
     samples = _load_samples(samples_dir)
     eval_sets = _eval_energies(eval_path)
 
     t0 = time.time()
-    device = pick_device(run.device)
+    fallbacks: list[str] = []
+    device = pick_device(run.device, fallbacks)
     seed_everything(run.seed)
+    model, _ = load_for_run(run, model_path, device)
+    self_referenced = cfg.refclf.enabled and _same_file(refclf_path, model_path)
+    refclf = None
+    if cfg.refclf.enabled and not self_referenced:
+        refclf = load_for_run(run, refclf_path, device, own_model=False)[0]
     splits, _ = load_prepared(data_dir)
     reference = _reference_images(splits, cfg.inception.reference)
-    model, _ = load_classifier(model_path, map_location=device)
-    model.to(device).eval()
     result = {"run": run.run_name, "model_path": str(model_path), "samples_dir": str(samples_dir),
               "reference_set": cfg.inception.reference, "generators": {}}
 
-    try:
-        weights = resolve_inception_weights(run.paths.inception_weights)
-        net = load_inception(weights, device)
+    net, unavailable = None, missing_weights
+    if weights is not None:
+        try:
+            net = load_inception(weights, device)
+        except InceptionWeightsUnavailable as err:  # a file that is not the Inception weights
+            unavailable = err
+    if net is not None:
         ref_stats = reference_stats(net, reference, weights=weights, batch_size=cfg.batch_size,
                                     cache_dir=Path(run.paths.results) / run.profile / "cache" / "inception")
         result["inception"] = {"status": "ok", "weights": str(weights), "splits": cfg.inception.splits,
                                "n_ref": ref_stats.n, "network": "torch-fidelity InceptionV3 (TF 2015-12-05 port)"}
-    except InceptionWeightsUnavailable as err:
-        net = None
-        result["inception"] = {"status": "unavailable", "reason": str(err)}
+    else:
+        result["inception"] = {"status": "unavailable", "reason": str(unavailable)}
+        note_fallback(fallbacks, INCEPTION_FALLBACK)
 
-    self_referenced = cfg.refclf.enabled and _same_file(refclf_path, model_path)
-    refclf, refclf_ref = None, None
-    if cfg.refclf.enabled and not self_referenced:
-        refclf = load_classifier(refclf_path, map_location=device)[0].to(device).eval()
+    refclf_ref = None
+    if refclf is not None:
         if samples:  # the reference features are the same for every generator: once per stage
             refclf_ref = refclf_reference_stats(refclf, reference, batch_size=cfg.batch_size)
     sets = dict(eval_sets)
@@ -158,13 +184,16 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         entry = {"n_samples": len(images)}
         if net is not None:
             entry.update(_inception_for(images, ref_stats, cfg.inception, weights=weights, net=net,
-                                        seed=run.seed, batch_size=cfg.batch_size))
+                                        seed=run.seed, batch_size=cfg.batch_size, fallbacks=fallbacks))
         if refclf is not None:
             idx = _subset(len(images), min(cfg.inception.n_uniform, len(images)), run.seed)
             entry["refclf"] = refclf_metrics(refclf, images[idx], labels[idx], ref_stats=refclf_ref,
                                              splits=cfg.inception.splits, batch_size=cfg.batch_size)
         elif self_referenced:
             entry["refclf"] = {"status": SELF_REFERENCED}
+        if cfg.energy.n_examples > len(images):
+            note_fallback(fallbacks, f"energy statistics of generated samples on {len(images)} images, "
+                          f"{cfg.energy.n_examples} requested (metrics.energy.n_examples)")
         idx = _subset(len(images), min(cfg.energy.n_examples, len(images)), run.seed)
         energies = compute_energies(model, images[idx], labels[idx], batch_size=cfg.batch_size)
         sets[f"generated/{name}"] = energies
@@ -173,6 +202,9 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         result["generators"][name] = entry
 
     n_fisher = min(cfg.fisher.n_examples, len(splits.test.labels))
+    if n_fisher < cfg.fisher.n_examples:
+        note_fallback(fallbacks, f"Fisher scores on {n_fisher} test images, {cfg.fisher.n_examples} requested "
+                      "(metrics.fisher.n_examples)")
     result["fisher"] = fisher_scores(model, torch.as_tensor(splits.test.images[:n_fisher]),
                                      torch.as_tensor(splits.test.labels[:n_fisher]).long(),
                                      probes=cfg.fisher.probes, batch_size=cfg.batch_size,
@@ -187,6 +219,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     np.savez_compressed(buffer, **sample_energies)
     atomic_write_bytes(energies_path, buffer.getvalue())
     result["energies_file"] = energies_path.name
+    result["fallbacks"] = fallbacks
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(out_path, result)
     if tracker is not None:
