@@ -285,7 +285,7 @@ def test_official_autoattack_column_is_bounded_by_the_analytic_worst_case(tmp_pa
 def test_ebjdat_scale_attacks_the_noisy_test_images(linear_case, tmp_path, monkeypatch):
     """EB-JDAT's eval adds the model's test-time noise before its PGD (test_noise 'model'); 'none' keeps x."""
     model, x, y = linear_case
-    monkeypatch.setattr(ev_mod, "load_classifier", lambda p, map_location=None, **kw: (model, {"noise_std": 0.03}))
+    monkeypatch.setattr(ev_mod, "load_for_run", lambda run, p, device=None, **kw: (model, {"noise_std": 0.03}))
     col = evaluate_stage(_run(_evaluation()), tmp_path, _model_file(tmp_path), tmp_path / "e.json")["columns"]["ebjdat_scale"]
     g = torch.Generator().manual_seed(0 + 3001)  # the column's noise stream (seed + 3001), one draw per batch of 32
     centres = torch.cat([(xb + 0.03 * torch.randn(xb.shape, generator=g)).clamp(0, 1) for xb in x.split(32)])
