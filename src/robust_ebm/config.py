@@ -130,7 +130,7 @@ class DataConfig(Strict):
     batch_size: int = Field(ge=1)
     px_batch_size: int | None = Field(None, ge=1, description="second p(x) batch stream; null: none")
     augment: Augment = "crop_flip"
-    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2), not clamped (JEM 0.03; noise injection)")
+    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2) in pixel units, not clamped (JEM family: 0.015 = their 0.03 in [-1,1] units)")
     px_augment: Augment | None = Field(None, description="augmentation of the p(x) stream; null: same as augment")
     px_noise_std: Fraction | None = Field(None, ge=0.0, description="noise of the p(x) stream; null: same as noise_std")
 
