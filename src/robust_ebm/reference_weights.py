@@ -6,13 +6,15 @@ weights into the reference classes with it, which is what shows the two architec
 
     layout      reference class (file)                                          our ModelConfig
     jem         JEM train_wrn_ebm.py CCF(Wide_ResNet) (wideresnet.py); also      arch wrn, block jem
-                SADA-JEM / JEM++ models/jem_models.py CCF with models/wideresnet.py
+                JEM++ models/jem_models.py CCF(model='wrn') (models/wideresnet.py)
     jempp       JEM++ models/jem_models.py CCF(model='yopo') (wideresnet_yopo.py) arch wrn, block jem
+    sadajem     SADA-JEM models/jem_models.py CCF (models/wideresnet.py: no f.linear) arch wrn, block jem
     trades_wrn  TRADES / MART / MAIL WideResNet (models/wideresnet.py)            arch wrn, block trades
     resnet18    kuangliu ResNet18 (TRADES models/resnet.py, MART/MAIL resnet.py)  arch resnet18
 
 Keys a reference holds that the forward pass never reads are dropped on import and filled on export:
-JEM's `energy_output` (zeros: only the unconditional F uses it), JEM++'s aliases `f.layer_one` (= conv1)
+JEM's `energy_output` (zeros: only the unconditional F uses it) and `f.linear` (JEM wideresnet.py:102,
+built with 10 classes and never called: zeros), JEM++'s aliases `f.layer_one` (= conv1)
 and `f.other_layers.*` (= layer1..3, bn1), TRADES' `sub_block1` (built, never called; a copy of block1).
 """
 
@@ -54,10 +56,10 @@ _RESNET18 = (
     ("trunk.stage{s}.{b}.shortcut.{i}.{p}", "layer{s}.{b}.shortcut.{i}.{p}"),
     ("fc.{p}", "linear.{p}"),
 )
-RULES = {"jem": _WRN_JEM, "jempp": _WRN_JEM, "trades_wrn": _WRN_TRADES, "resnet18": _RESNET18}
+RULES = {"jem": _WRN_JEM, "jempp": _WRN_JEM, "sadajem": _WRN_JEM, "trades_wrn": _WRN_TRADES, "resnet18": _RESNET18}
 LAYOUTS = tuple(RULES)
 # the block layout (ModelConfig.block) each WRN reference needs
-BLOCK_OF = {"jem": "jem", "jempp": "jem", "trades_wrn": "trades"}
+BLOCK_OF = {"jem": "jem", "jempp": "jem", "sadajem": "jem", "trades_wrn": "trades"}
 
 
 def _regex(template: str) -> re.Pattern:
@@ -90,10 +92,13 @@ def to_reference(state: dict[str, Tensor], layout: str) -> dict[str, Tensor]:
         if new is None:
             raise ValueError(f"key '{key}' has no counterpart in the '{layout}' reference layout")
         out[new] = value
-    if layout in ("jem", "jempp"):
+    if layout in ("jem", "jempp", "sadajem"):
         width = out["class_output.weight"].shape[1]
         out["energy_output.weight"] = torch.zeros(1, width, dtype=out["class_output.weight"].dtype)
         out["energy_output.bias"] = torch.zeros(1, dtype=out["class_output.weight"].dtype)
+    if layout == "jem":
+        out["f.linear.weight"] = torch.zeros(10, width, dtype=out["class_output.weight"].dtype)
+        out["f.linear.bias"] = torch.zeros(10, dtype=out["class_output.weight"].dtype)
     if layout == "jempp":
         for key in list(out):
             if key.startswith("f.conv1."):
@@ -111,7 +116,9 @@ def to_reference(state: dict[str, Tensor], layout: str) -> dict[str, Tensor]:
 
 
 def _is_alias(key: str, layout: str) -> bool:
-    if layout in ("jem", "jempp") and key.startswith("energy_output."):
+    if layout in ("jem", "jempp", "sadajem") and key.startswith("energy_output."):
+        return True
+    if layout == "jem" and key.startswith("f.linear."):
         return True
     if layout == "jempp" and (key.startswith("f.layer_one.") or key.startswith("f.other_layers.")):
         return True
@@ -139,7 +146,9 @@ def detect_layout(keys) -> str | None:
     """The reference layout a set of state-dict keys comes from, or None (ours, or unknown)."""
     keys = set(keys)
     if "class_output.weight" in keys and "f.conv1.weight" in keys:
-        return "jempp" if "f.layer_one.weight" in keys else "jem"
+        if "f.layer_one.weight" in keys:
+            return "jempp"
+        return "jem" if "f.linear.weight" in keys else "sadajem"
     if "block1.layer.0.conv1.weight" in keys and "fc.weight" in keys:
         return "trades_wrn"
     if "layer4.0.conv1.weight" in keys and "linear.weight" in keys:
