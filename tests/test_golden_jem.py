@@ -96,3 +96,132 @@ def test_reference_checkpoint_loads(tmp_path):
     with pytest.raises(ValueError, match="block 'jem'"):
         load_classifier(tmp_path / "jem.pt", model_config=nets.JEM_WRN.model_copy(update={"block": "trades"}),
                         num_classes=10, in_channels=3, image_size=12)
+
+
+# ---------------------------------------------------------------- training steps
+
+from pathlib import Path  # noqa: E402
+
+from robust_ebm import sampling  # noqa: E402
+from robust_ebm.config import load_params  # noqa: E402
+from robust_ebm.methods import Batch, build_method  # noqa: E402
+from robust_ebm.optim import build_optimizer  # noqa: E402
+from robust_ebm.train import train_step  # noqa: E402
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+class StoredDraws:
+    """Replaces sampling._randint/_rand/_randn: each call returns the next stored tensor of its kind."""
+
+    def __init__(self, **queues):
+        self.queues = {k: list(v) for k, v in queues.items()}
+
+    def __call__(self, kind):
+        def draw(*args, **kwargs):
+            shape = args[1] if kind == "randint" else args[0]
+            value = self.queues[kind].pop(0)
+            assert tuple(value.shape) == tuple(shape), f"{kind}: stored {tuple(value.shape)}, drawn {tuple(shape)}"
+            return value.clone()
+        return draw
+
+    def assert_used(self):
+        assert not any(self.queues.values()), {k: len(v) for k, v in self.queues.items() if v}
+
+
+def _inject(monkeypatch, inputs):
+    reinit = inputs["reinit_u"] < inputs["reinit_prob"]
+    draws = StoredDraws(randint=[inputs["buffer_idx"]], rand=[inputs["reinit_u"], inputs["fresh"][reinit]],
+                        randn=list(inputs.get("langevin_noise", [])))
+    for kind in ("randint", "rand", "randn"):
+        monkeypatch.setattr(sampling, f"_{kind}", draws(kind))
+    return draws
+
+
+def _method_and_model(fixture, method_key, monkeypatch):
+    """Our model (formula weights) and method with params.yaml's paper settings of `method_key` on CIFAR-10;
+    only the chain length, buffer size and restart rate are the fixture's, and the restart draws come
+    from the stored U(0,1) images (init 'uniform': the init distributions have their own fixtures)."""
+    inp = fixture["inputs"]
+    model = nets.build(ModelConfig(**inp["model_config"]), num_classes=inp["num_classes"], image_size=nets.METHOD_SIZE)
+    assert_close(nets.weight_digest(model), inp["weight_digest"], what="formula weights (drifted?)")
+    cfg = load_params(PARAMS).profile_config("paper").method("cifar10", method_key)
+    sampler_cfg = cfg.sampler.model_copy(update={"steps": inp["steps"], "buffer_size": len(inp["buffer"]),
+                                                 "reinit_prob": inp["reinit_prob"], "init": "uniform"})
+    cfg = cfg.model_copy(update={"sampler": sampler_cfg})
+    shape = tuple(inp["buffer"].shape[1:])
+    method = build_method(cfg, num_classes=inp["num_classes"], image_shape=shape, stats=None, device="cpu",
+                          generator=torch.Generator().manual_seed(0))
+    buffer = sampling.ReplayBuffer.from_config(sampler_cfg, shape=shape, num_classes=inp["num_classes"],
+                                               storage="float64")
+    buffer.buffer.copy_(inp["buffer"])
+    method.sampler.buffer = buffer
+    _inject_draws = _inject(monkeypatch, inp)
+    return model.train(), method, cfg, _inject_draws
+
+
+def _compare_record(ours: dict, stored: dict, what: str):
+    record = nets.grad_record(ours)
+    assert record.keys() == stored.keys(), f"{what}: parameters differ"
+    for key, value in stored.items():
+        assert_close(record[key], value, what=f"{what} {key}")
+
+
+def _compare_step(out, prepared, method, fixture, model):
+    ref = fixture["outputs"]
+    assert_close(prepared["x_sgld"], ref["x_sgld"], what="chain x_K (pixels)")
+    assert_close(method.sampler.buffer.buffer, ref["buffer_after"], what="replay buffer after write-back")
+    assert_close(out.loss, ref["loss"], what="loss")
+    assert_close(out.terms["px"], ref["px"], what="p(x) term", tol=1e-6)   # terms are logged as float32
+    assert_close(out.terms["ce"], ref["ce"], what="CE term", tol=1e-6)
+    model.zero_grad()
+    out.loss.backward()
+    _compare_record({k: p.grad for k, p in model.named_parameters()}, ref["grads"], "gradient")
+
+
+@pytest.mark.parametrize("method_key, name", [("jem", "jem_step"), ("jempp", "jempp_step")])
+def test_training_step_matches_reference(method_key, name, monkeypatch):
+    """JEM: PCD-SGLD; JEM++: PYLD with BN in train mode, x_px forwarded before sampling (plc alltrain1)."""
+    fixture = load_fixture(name)
+    model, method, _, draws = _method_and_model(fixture, method_key, monkeypatch)
+    inp = fixture["inputs"]
+    batch = Batch(x=inp["x"], y=inp["y"], x_px=inp["x_px"])
+    prepared = method.prepare(model, batch, epoch=0)
+    out = method.loss(model, prepared, epoch=0)
+    draws.assert_used()
+    _compare_step(out, prepared, method, fixture, model)
+    if "bn_after" in fixture["outputs"]:
+        state = model.state_dict()
+        for key, value in fixture["outputs"]["bn_after"].items():
+            assert_close(state[key], value, what=f"BN {key} after the step")
+
+
+def test_sadajem_sam_step_matches_reference(monkeypatch):
+    """SADA-JEM: noise-free clipped SGLD, the first and second SAM passes (sam.py), the update, BN stats."""
+    fixture = load_fixture("sadajem_step")
+    model, method, cfg, draws = _method_and_model(fixture, "sadajem", monkeypatch)
+    inp, ref = fixture["inputs"], fixture["outputs"]
+    settings = inp["settings"]
+    assert (cfg.optim.lr, cfg.optim.sam_rho, cfg.optim.sam_adaptive, cfg.optim.weight_decay) == (
+        settings["lr"], settings["rho"], settings["adaptive"], settings["weight_decay"])
+    optimizer = build_optimizer(model.parameters(), cfg.optim, device=torch.device("cpu"))
+    grads = {}
+    for step in ("first_step", "second_step"):
+        original = getattr(optimizer, step)
+
+        def recorded(step=step, original=original):
+            grads[step] = {k: p.grad.clone() for k, p in model.named_parameters()}
+            original()
+        setattr(optimizer, step, recorded)
+    batch = Batch(x=inp["x"], y=inp["y"], x_px=inp["x_px"])
+    out = train_step(model, method, optimizer, batch, epoch=0, precision="fp32", device=torch.device("cpu"))
+    draws.assert_used()
+    assert_close(method.sampler.buffer.buffer, ref["buffer_after"], what="replay buffer after write-back")
+    assert_close(method.sampler.buffer.buffer[inp["buffer_idx"]], ref["x_sgld"], what="chain x_K (pixels)")
+    assert_close(out.loss, ref["loss"], what="first-pass loss")
+    _compare_record(grads["first_step"], ref["grads"], "first-pass gradient")
+    _compare_record(grads["second_step"], ref["grads_second"], "second-pass gradient (at w + e_w)")
+    _compare_record(dict(model.named_parameters()), ref["params_after"], "parameters after the SAM step")
+    state = model.state_dict()
+    for key, value in ref["bn_after"].items():
+        assert_close(state[key], value, what=f"BN {key} after the step")

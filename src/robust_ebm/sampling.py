@@ -453,7 +453,7 @@ class ReplayBuffer:
     row. A Bernoulli(reinit_prob) fraction of each draw is replaced by fresh
     `init_fn(labels, generator)` images, labelled with their block's class; only
     those rows are drawn. `storage='uint8'` keeps 1/4 of the memory and rounds every
-    stored chain to 1/255 (values must be in [0,1]). All randomness comes from the
+    stored chain to 1/255 (values must be in [0,1]); 'float64' keeps chains exact in float64 runs. All randomness comes from the
     buffer's own generator, which `state_dict` saves: a resumed buffer continues
     exactly as an uninterrupted one.
     """
@@ -467,14 +467,14 @@ class ReplayBuffer:
         reinit_prob: float,
         generator: torch.Generator | None = None,
         device="cpu",
-        storage: Literal["float32", "uint8"] = "float32",
+        storage: Literal["float32", "uint8", "float64"] = "float32",
     ):
         if size < num_classes or size % num_classes:
             raise ValueError(f"buffer_size {size} must be a positive multiple of num_classes {num_classes} (one block per class)")
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must be in [0,1], got {reinit_prob}")
-        if storage not in ("float32", "uint8"):
-            raise ValueError(f"storage must be 'float32' or 'uint8', got '{storage}'")
+        if storage not in ("float32", "uint8", "float64"):
+            raise ValueError(f"storage must be 'float32', 'uint8' or 'float64', got '{storage}'")
         self.device = torch.device(device)
         if generator is None:  # own, saveable stream, seeded from the global RNG (seed_everything)
             generator = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, ())))
@@ -487,14 +487,14 @@ class ReplayBuffer:
 
     @classmethod
     def from_config(cls, cfg: SamplerConfig, *, shape, num_classes: int, stats=None, data=None, generator=None,
-                    device="cpu", storage: Literal["float32", "uint8"] = "float32") -> "ReplayBuffer":
+                    device="cpu", storage: Literal["float32", "uint8", "float64"] = "float32") -> "ReplayBuffer":
         """The buffer a method's sampler section asks for (size, reinit rate, init kind)."""
         init_fn = make_init_fn(cfg, shape=shape, stats=stats, data=data, device=device)
         return cls(cfg.buffer_size, shape, num_classes, init_fn, cfg.reinit_prob, generator, device, storage)
 
     @property
     def _dtype(self) -> torch.dtype:
-        return torch.uint8 if self.storage == "uint8" else torch.float32
+        return {"uint8": torch.uint8, "float32": torch.float32, "float64": torch.float64}[self.storage]
 
     def __len__(self) -> int:
         return self.size
@@ -506,7 +506,7 @@ class ReplayBuffer:
         return x
 
     def sample(self, n: int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """n starting points (float32 on the buffer's device) and their row indices."""
+        """n starting points (float32, float64 for that storage, on the buffer's device) and their row indices."""
         if y is None:
             idx = _randint(self.size, (n,), self.device, self.generator)
         else:
@@ -532,7 +532,7 @@ class ReplayBuffer:
         return self._decode(self.buffer)
 
     def _decode(self, rows: Tensor) -> Tensor:
-        return rows.float() / 255.0 if self.storage == "uint8" else rows.clone()
+        return rows.float() / 255.0 if self.storage == "uint8" else rows.clone()  # float rows keep their dtype
 
     def state_dict(self) -> dict:
         return {

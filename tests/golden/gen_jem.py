@@ -46,14 +46,18 @@ def _global_pool_functional():
 
 @contextlib.contextmanager
 def _patched(module, **attrs):
-    old = {k: getattr(module, k) for k in attrs}
+    missing = object()
+    old = {k: getattr(module, k, missing) for k in attrs}   # `args` is a global only under __main__
     for k, v in attrs.items():
         setattr(module, k, v)
     try:
         yield
     finally:
         for k, v in old.items():
-            setattr(module, k, v)
+            if v is missing:
+                delattr(module, k)
+            else:
+                setattr(module, k, v)
 
 
 # ---------------------------------------------------------------- architectures
@@ -163,5 +167,206 @@ def generate_architectures(refs) -> list[Path]:
     return out
 
 
+# ---------------------------------------------------------------- training steps
+
+class _Rng:
+    """Stand-in for the reference module's `t` (torch): the RNG calls return stored tensors in order."""
+
+    def __init__(self, **queues):
+        self.queues = {k: list(v) for k, v in queues.items()}
+
+    def _pop(self, name, shape=None):
+        value = self.queues[name].pop(0)
+        if shape is not None:
+            assert tuple(value.shape) == tuple(shape), f"{name}: stored {tuple(value.shape)}, asked {tuple(shape)}"
+        return value.clone()
+
+    def randint(self, low, high, size):
+        return self._pop("randint", size)
+
+    def rand(self, *size):
+        return self._pop("rand", size[0] if len(size) == 1 and isinstance(size[0], tuple) else size)
+
+    def randn_like(self, x):
+        return self._pop("randn_like", x.shape)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def assert_used(self):
+        left = {k: len(v) for k, v in self.queues.items() if v}
+        assert not left, f"stored draws left unused: {left}"
+
+
+def _step_inputs(seed: int, n_steps: int, *, noise: bool):
+    """Batch, buffer and every random draw of one training step (pixels in [0,1], float64)."""
+    g = torch.Generator().manual_seed(seed)
+    b, s, k, size = nets.METHOD_BATCH, nets.METHOD_SIZE, nets.METHOD_CLASSES, nets.METHOD_BUFFER
+    inputs = {
+        "x": nets.images(b, s, seed=seed + 1), "y": torch.tensor([0, 3, 1, 2]),
+        "x_px": nets.images(b, s, seed=seed + 2), "buffer": nets.images(size, s, seed=seed + 3),
+        "buffer_idx": torch.randperm(size, generator=g)[:b],
+        "reinit_u": torch.tensor([0.01, 0.6, 0.03, 0.9], dtype=torch.float64),   # rows 0 and 2 restart (p = 0.05)
+        "fresh": nets.images(b, s, seed=seed + 4),          # the init draw of every row; restarted rows use it
+        "reinit_prob": 0.05, "num_classes": k, "steps": n_steps,
+    }
+    if noise:
+        inputs["langevin_noise"] = torch.randn((n_steps, b, 3, s, s), generator=g, dtype=torch.float64)
+    return inputs
+
+
+def _sym(x):
+    return 2 * x - 1
+
+
+def _pix(x):
+    return (x + 1) / 2
+
+
+def _rng_for(inputs):
+    queues = {"randint": [inputs["buffer_idx"]], "rand": [inputs["reinit_u"]]}
+    if "langevin_noise" in inputs:
+        queues["randn_like"] = list(inputs["langevin_noise"])
+    return _Rng(**queues)
+
+
+def _grads(net, layout):
+    return reference_weights.from_reference(
+        {k: p.grad for k, p in net.named_parameters(remove_duplicate=False) if p.grad is not None}, layout)
+
+
+def _ref_net(build, ours, layout):
+    net = build()
+    net.load_state_dict(reference_weights.to_reference(ours.state_dict(), layout), strict=True)
+    return net.train()
+
+
+def generate_jem_step(refs) -> Path:
+    """JEM: PCD-SGLD (train_wrn_ebm.py get_sample_q) + the loss of main() + every gradient."""
+    ref = refs["wgrathwohl/JEM"]
+    with float64():
+        mod = ref.load("train_wrn_ebm.py", stubs=STUBS)
+        ours = nets.build(nets.JEM_WRN10, num_classes=nets.METHOD_CLASSES, image_size=nets.METHOD_SIZE)
+        inputs = _step_inputs(100, 3, noise=True)
+        f = _ref_net(lambda: mod.CCF(10, 1, norm=None, n_classes=nets.METHOD_CLASSES), ours, "jem")
+        args = types.SimpleNamespace(batch_size=nets.METHOD_BATCH, n_classes=nets.METHOD_CLASSES, uncond=False,
+                                     reinit_freq=inputs["reinit_prob"], sgld_lr=1.0, sgld_std=1e-2,
+                                     n_steps=inputs["steps"])
+        replay = _sym(inputs["buffer"]).clone()
+        rng = _rng_for(inputs)
+        with _patched(mod, t=rng, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
+                _patched(mod.wideresnet, F=_global_pool_functional()):
+            x_q = mod.get_sample_q(args, "cpu")(f, replay)
+            rng.assert_used()
+            fp, fq = f(_sym(inputs["x_px"])).mean(), f(x_q).mean()       # main(): lines 321-330
+            l_p_x = -(fp - fq)
+            ce = torch.nn.CrossEntropyLoss()(f.classify(_sym(inputs["x"])), inputs["y"])
+            loss = 1.0 * l_p_x + 1.0 * ce
+            f.zero_grad()
+            loss.backward()
+        outputs = {"x_sgld": _pix(x_q), "buffer_after": _pix(replay), "loss": loss.detach(), "px": l_p_x.detach(),
+                   "ce": ce.detach(), "grads": nets.grad_record(_grads(f, "jem"))}
+    inputs |= {"model_config": nets.JEM_WRN10.model_dump(), "weight_digest": nets.weight_digest(ours),
+               "settings": {"sgld_lr": 1.0, "sgld_std": 1e-2, "p_x_weight": 1.0, "p_y_given_x_weight": 1.0}}
+    return save_fixture("jem_step", source=ref.source("train_wrn_ebm.py", "get_sample_q (sample_p_0, sample_q); main() loss"),
+                        inputs=inputs, outputs=outputs,
+                        note=f"{POOL_NOTE} (8x8 images). t.randint/t.rand/t.randn_like and init_random return the "
+                             "stored draws; the loss lines of main() (321-341) are transcribed.")
+
+
+def generate_jempp_step(refs) -> Path:
+    """JEM++: PYLD (train_jempp.py sample_q with Hamiltonian / layer_one), plc alltrain1, BN in train mode."""
+    ref = refs["sndnyang/JEMPP"]
+    with float64():
+        mod = ref.load("train_jempp.py", stubs=STUBS)
+        models = mod.get_model_and_buffer.__globals__
+        ours = nets.build(nets.JEMPP_WRN10, num_classes=nets.METHOD_CLASSES, image_size=nets.METHOD_SIZE)
+        inputs = _step_inputs(200, 3, noise=False)
+        f = _ref_net(lambda: models["CCF"](10, 1, norm="batch", n_classes=nets.METHOD_CLASSES, model="yopo"),
+                     ours, "jempp")
+        args = types.SimpleNamespace(batch_size=nets.METHOD_BATCH, n_classes=nets.METHOD_CLASSES,
+                                     reinit_freq=inputs["reinit_prob"], eps=1.0, pyld_lr=0.2, sgld_lr=0.0,
+                                     sgld_std=0.0, device="cpu")
+        replay = _sym(inputs["buffer"]).clone()
+        rng = _rng_for(inputs)
+        with _patched(mod, t=rng, args=args, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
+                _patched(models["wideresnet_yopo"], F=_global_pool_functional()):
+            fp = f(_sym(inputs["x_px"])).mean()                          # plc alltrain1: before sampling
+            x_q = mod.sample_q(f, replay, n_steps=inputs["steps"], in_steps=5, args=args)
+            rng.assert_used()
+            fq = f(x_q).mean()
+            l_p_x = -(fp - fq)
+            ce = torch.nn.CrossEntropyLoss()(f.classify(_sym(inputs["x"])), inputs["y"])
+            loss = 1.0 * l_p_x + 1.0 * ce
+            f.zero_grad()                                                # optim.zero_grad() in main()
+            loss.backward()
+        outputs = {"x_sgld": _pix(x_q), "buffer_after": _pix(replay), "loss": loss.detach(), "px": l_p_x.detach(),
+                   "ce": ce.detach(), "grads": nets.grad_record(_grads(f, "jempp")),
+                   "bn_after": nets.bn_state(reference_weights.from_reference(f.state_dict(), "jempp"))}
+    inputs |= {"model_config": nets.JEMPP_WRN10.model_dump(), "weight_digest": nets.weight_digest(ours),
+               "settings": {"n_steps": 3, "in_steps": 5, "pyld_lr": 0.2, "eps": 1.0, "sgld_lr": 0.0, "sgld_std": 0.0,
+                            "plc": "alltrain1"}}
+    return save_fixture("jempp_step", source=ref.source("train_jempp.py", "sample_p_0, sample_q (PYLD); main() loss, plc alltrain1"),
+                        inputs=inputs, outputs=outputs,
+                        note=f"{POOL_NOTE} (8x8 images). t.randint/t.rand and init_random return the stored draws "
+                             "(no Langevin noise: sgld_std 0); the loss lines of main() (236-273) are transcribed.")
+
+
+def generate_sadajem_step(refs) -> Path:
+    """SADA-JEM: SGLD (train_sadajem.py sample_q), the two SAM passes of main() with sam.py, BN statistics."""
+    ref = refs["sndnyang/SADAJEM"]
+    with float64():
+        mod = ref.load("train_sadajem.py", stubs=STUBS)
+        models = mod.get_model_and_buffer.__globals__
+        ours = nets.build(nets.JEMPP_WRN10, num_classes=nets.METHOD_CLASSES, image_size=nets.METHOD_SIZE)
+        inputs = _step_inputs(300, 3, noise=False)
+        f = _ref_net(lambda: models["CCF"](10, 1, norm="batch", n_classes=nets.METHOD_CLASSES, model="wrn"),
+                     ours, "sadajem")
+        args = types.SimpleNamespace(batch_size=nets.METHOD_BATCH, n_classes=nets.METHOD_CLASSES,
+                                     reinit_freq=inputs["reinit_prob"], sgld_lr=1.0, sgld_std=0.0, init="gm",
+                                     device="cpu")
+        settings = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "rho": 2.0, "adaptive": True, "n_steps": 3,
+                    "sgld_lr": 1.0, "sgld_std": 0.0, "px": 1.0, "pyx": 1.0, "l2_coeff": 0.0}
+        optim = mod.SAM(f.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4, rho=2.0,
+                        adaptive=True)
+        replay = _sym(inputs["buffer"]).clone()
+        rng = _rng_for(inputs)
+        x_px, x_lab = _sym(inputs["x_px"]), _sym(inputs["x"])
+        with _patched(mod, t=rng, args=args, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
+                _patched(models["wideresnet"], F=_global_pool_functional()):
+            mod.enable_running_stats(f)                                  # main() lines 201-262, transcribed
+            fp = f(x_px).mean()
+            x_q = mod.sample_q(f, replay, n_steps=inputs["steps"], args=args)
+            rng.assert_used()
+            fq = f(x_q).mean()
+            l_p_x = -(fp - fq)
+            ce = torch.nn.CrossEntropyLoss()(f.classify(x_lab), inputs["y"])
+            loss = 1.0 * l_p_x + ce
+            optim.zero_grad()
+            loss.backward()
+            grads_first = _grads(f, "sadajem")
+            optim.first_step(zero_grad=True)
+            mod.disable_running_stats(f)
+            second = -(f(x_px).mean() - f(x_q).mean()) + torch.nn.CrossEntropyLoss()(f.classify(x_lab), inputs["y"])
+            second.backward()
+            grads_second = _grads(f, "sadajem")
+            optim.second_step(zero_grad=True)
+        state = reference_weights.from_reference(f.state_dict(), "sadajem")
+        outputs = {"x_sgld": _pix(x_q), "buffer_after": _pix(replay), "loss": loss.detach(), "px": l_p_x.detach(),
+                   "ce": ce.detach(), "loss_second": second.detach(),
+                   "grads": nets.grad_record(grads_first), "grads_second": nets.grad_record(grads_second),
+                   "params_after": nets.grad_record({k: v for k, v in state.items() if k in dict(ours.named_parameters())}),
+                   "bn_after": nets.bn_state(state)}
+    inputs |= {"model_config": nets.JEMPP_WRN10.model_dump(), "weight_digest": nets.weight_digest(ours),
+               "settings": settings}
+    return save_fixture("sadajem_step", source=[ref.source("train_sadajem.py", "sample_p_0, sample_q; main() SAM step"),
+                                                ref.source("sam.py", "SAM.first_step, SAM.second_step")],
+                        inputs=inputs, outputs=outputs,
+                        note=f"{POOL_NOTE} (8x8 images). t.randint/t.rand and init_random return the stored draws "
+                             "(sgld_std 0); the step of main() (lines 196-262) is transcribed, calling the "
+                             "reference sample_q, SAM and enable/disable_running_stats.")
+
+
 def generate(refs) -> list[Path]:
-    return generate_architectures(refs)
+    return generate_architectures(refs) + [generate_jem_step(refs), generate_jempp_step(refs),
+                                           generate_sadajem_step(refs)]

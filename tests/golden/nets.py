@@ -93,3 +93,29 @@ def our_blocks(model):
         if name.startswith("stage"):
             pairs += [(f"{name}.{j}", block) for j, block in enumerate(module)]
     return pairs
+
+
+FULL_GRAD_MAX = 2048   # larger gradients are stored as a signature (keeps fixtures small)
+
+
+def signature(g: torch.Tensor) -> torch.Tensor:
+    """(9,): sum of squares and 8 projections on fixed waves: any change of g moves some entry."""
+    flat = g.detach().double().flatten()
+    probes = torch.stack([_wave(flat.numel(), 100 + k) for k in range(8)])
+    return torch.cat([flat.pow(2).sum().view(1), probes @ flat])
+
+
+def grad_record(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors up to FULL_GRAD_MAX elements, `signature` beyond (keys prefixed 'sig:')."""
+    return {(k if v.numel() <= FULL_GRAD_MAX else f"sig:{k}"): (v.detach().clone() if v.numel() <= FULL_GRAD_MAX
+                                                           else signature(v)) for k, v in grads.items()}
+
+
+def bn_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+
+
+# the method fixtures: WRN-10-1 (one block per stage), 4 classes, 8x8 images
+METHOD_CLASSES, METHOD_SIZE, METHOD_BATCH, METHOD_BUFFER = 4, 8, 4, 8
+JEM_WRN10 = JEM_WRN.model_copy(update={"depth": 10})
+JEMPP_WRN10 = JEMPP_WRN.model_copy(update={"depth": 10})
