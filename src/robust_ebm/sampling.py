@@ -267,7 +267,7 @@ def run_sampler(model, x0, cfg: SamplerConfig, *, y=None, generator=None, return
 
 # ---------------------------------------------------------------- initialisations
 # `stats` is a data.ClassStats: mean (K,C,H,W), basis (K,D,r) orthonormal columns,
-# scales (K,r) standard deviations along them, diag_eps, counts (K,).
+# scales (K,r) standard deviations along them, diag_eps, counts (K,); gaussian(k) -> (mean, factor).
 
 
 def init_uniform(n: int, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -300,13 +300,24 @@ def _class_gaussian(stats, labels: Tensor, rank_of, noise_std: float, generator,
 
 
 def init_gaussian(stats, labels: Tensor, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """Class-conditional Gaussian N(mu_y, U_y diag(s_y^2) U_y^T + diag_eps I), clamped to [0,1].
+    """Class-conditional Gaussian N(mu_y, Sigma_y + diag_eps I), clamped to [0,1]: x = mu_y + A_y z + sqrt(diag_eps) eps.
 
-    JEM++'s "informative" init (N(mu_c, Sigma_c + 1e-4 I)), JEAT Sec. 2.2's x0 ~ N(mu_y, Sigma_y)
-    and Santurkar et al.'s seeds; low-rank when `stats` keeps fewer than D directions.
+    JEM++'s "informative" init and SADA-JEM's mixture components (MultivariateNormal(mean, cov + 1e-4 I) in
+    [-1,1] units, then clamp: train_jempp.py:162-182, train_sadajem.py:114-136), JEAT Sec. 2.2's
+    x0 ~ N(mu_y, Sigma_y) and Santurkar et al.'s seeds. A_y = `stats.gaussian(y)`'s factor: the exact
+    biased class covariance when the training images are attached (z has n_y entries), else the stored
+    low-rank basis. Same distribution as the reference's Cholesky draw; not the same draws.
     """
-    full_rank = stats.scales.shape[1]
-    return _class_gaussian(stats, labels, lambda k: full_rank, math.sqrt(stats.diag_eps), generator, device)
+    device = torch.device(device) if device is not None else stats.mean.device
+    labels = labels.to(device)
+    image_shape = tuple(stats.mean.shape[1:])
+    x = torch.empty((len(labels), math.prod(image_shape)), device=device)
+    for k in labels.unique().tolist():  # one matmul per class
+        rows = (labels == k).nonzero().squeeze(1)
+        mean, factor = stats.gaussian(k, device)
+        z = _randn((len(rows), factor.shape[1]), device, generator).to(torch.float64)
+        x[rows] = (mean + z @ factor.T).to(x.dtype)
+    return _noisy(x.view(len(labels), *image_shape), math.sqrt(stats.diag_eps), generator)
 
 
 def init_pca(stats, labels: Tensor, fraction: float = 0.95, sigma: float = 0.005, generator=None, device=None) -> Tensor:
@@ -323,9 +334,10 @@ def init_pca(stats, labels: Tensor, fraction: float = 0.95, sigma: float = 0.005
 
 
 def init_gm(stats, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """SADA-JEM Gaussian mixture: a class drawn with weight counts_k / N, then `init_gaussian` of that class."""
-    weights = stats.counts.double().to(_source(device or stats.mean.device, generator))
-    labels = torch.multinomial(weights, n, replacement=True, generator=generator)
+    """SADA-JEM's Gaussian mixture without labels: a class drawn uniformly (np.random.randint(len(conditionals)),
+    train_sadajem.py:39-49), then `init_gaussian` of that class. With labels (the replay buffer's class
+    blocks, as init_from_centers fills it) `initialise('gm', labels=...)` is `init_gaussian` itself."""
+    labels = _randint(stats.mean.shape[0], (n,), device or stats.mean.device, generator)
     return init_gaussian(stats, labels, generator, device)
 
 
@@ -405,10 +417,10 @@ def initialise(
 ) -> Tensor:
     """n starting images (n, *shape) in [0,1] of the given kind.
 
-    'gaussian' and 'pca' are class-conditional: without labels the classes are
-    drawn uniformly (JEM++). 'noisy_data' starts from images of the label's class
+    'gaussian', 'gm' and 'pca' are class-conditional: without labels the classes are
+    drawn uniformly (JEM++, SADA-JEM). 'noisy_data' starts from images of the label's class
     in `data` (classes `data_labels`); without labels from any image of `data`.
-    'uniform', 'gm' and 'data' ignore labels.
+    'uniform' and 'data' ignore labels.
     """
     _check_init(kind, shape, stats, data, data_labels)
     if labels is not None and len(labels) != n:
@@ -421,11 +433,11 @@ def initialise(
         if labels is None:
             labels = data_labels[_randint(len(data_labels), (n,), data_labels.device, generator)]
         return init_noisy_data(data, data_labels, labels, noise_std, generator, device)
-    if kind == "gm":
+    if kind == "gm" and labels is None:
         return init_gm(stats, n, generator, device)
     if labels is None:
         labels = _randint(stats.mean.shape[0], (n,), device or stats.mean.device, generator)
-    if kind == "gaussian":
+    if kind in ("gaussian", "gm"):
         return init_gaussian(stats, labels, generator, device)
     return init_pca(stats, labels, pca_fraction, pca_sigma, generator, device)
 
