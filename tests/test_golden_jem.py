@@ -225,3 +225,51 @@ def test_sadajem_sam_step_matches_reference(monkeypatch):
     state = model.state_dict()
     for key, value in ref["bn_after"].items():
         assert_close(state[key], value, what=f"BN {key} after the step")
+
+
+# ---------------------------------------------------------------- informative / Gaussian-mixture init
+
+def test_informative_init_parameters_match_reference():
+    """JEM++ category_mean + init_from_centers (= SADA-JEM's mixture components): mean and covariance
+    (+1e-4 I) in [-1,1] units equal our ClassStats.gaussian in pixels mapped by x' = 2x - 1."""
+    from robust_ebm.data import class_stats
+
+    fixture = load_fixture("informative_init")
+    inp, ref = fixture["inputs"], fixture["outputs"]
+    images, labels = inp["images"], inp["labels"]
+    p = nets.probes(images[0].numel())
+    stats = class_stats(images.double() / 255, labels, inp["num_classes"], max_rank=4).attach(images, labels)
+    for k in range(inp["num_classes"]):
+        mean, factor = stats.gaussian(k)
+        assert_close(2 * mean - 1, ref["loc"][k], what=f"class {k} mean ([-1,1])")
+        cov_diag = 4 * (factor.pow(2).sum(1) + stats.diag_eps)
+        cov_probes = 4 * (factor @ (factor.T @ p) + stats.diag_eps * p)
+        assert_close(cov_diag, ref["cov_diag"][k], what=f"class {k} covariance diagonal ([-1,1])")
+        assert_close(cov_probes, ref["cov_probes"][k], what=f"class {k} covariance @ probes ([-1,1])")
+    assert ref["sada_equal"]
+
+
+def test_informative_init_draws_follow_the_factor(monkeypatch):
+    """A draw is clamp(mean_y + A_y z + sqrt(diag_eps) eps, 0, 1) with the stored factor, per label."""
+    from robust_ebm.data import class_stats
+
+    fixture = load_fixture("informative_init")
+    images, labels = fixture["inputs"]["images"], fixture["inputs"]["labels"]
+    stats = class_stats(images.double() / 255, labels, 2, max_rank=4).attach(images, labels)
+    y = torch.tensor([1, 0, 1])
+    g = torch.Generator().manual_seed(0)
+    z = {k: torch.randn(int((y == k).sum()), 6, generator=g, dtype=torch.float64) for k in (0, 1)}
+    eps = torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64)
+    draws = StoredDraws(randn=[z[0], z[1], eps])
+    monkeypatch.setattr(sampling, "_randn", draws("randn"))
+    with torch.no_grad():
+        torch.set_default_dtype(torch.float64)
+        try:
+            x = sampling.initialise("gm", 3, shape=(3, 32, 32), stats=stats, labels=y)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    draws.assert_used()
+    for k in (0, 1):
+        mean, factor = stats.gaussian(k)
+        want = (mean + z[k] @ factor.T).view(-1, 3, 32, 32) + stats.diag_eps ** 0.5 * eps[y == k]
+        assert_close(x[y == k], want.clamp(0, 1), what=f"class {k} draws")

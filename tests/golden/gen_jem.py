@@ -367,6 +367,71 @@ def generate_sadajem_step(refs) -> Path:
                              "reference sample_q, SAM and enable/disable_running_stats.")
 
 
+# ---------------------------------------------------------------- informative / Gaussian-mixture init
+
+class _Files:
+    """Stand-in for the reference module's `t`: t.save / t.load go to a dict instead of files."""
+
+    def __init__(self):
+        self.files = {}
+
+    def save(self, obj, path):
+        self.files[Path(path).name] = obj.clone()
+
+    def load(self, path_or_obj, path=None):
+        if path is not None:          # category_mean's `t.load(covs, path)` (train_jempp.py:159): meant t.save
+            self.save(path_or_obj, path)
+            return None
+        return self.files[Path(path_or_obj).name].clone()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _conditionals_record(conditionals, p):
+    return {"loc": torch.stack([d.loc for d in conditionals]),
+            "cov_diag": torch.stack([d.covariance_matrix.diagonal() for d in conditionals]),
+            "cov_probes": torch.stack([d.covariance_matrix @ p for d in conditionals])}
+
+
+def generate_informative_init(refs) -> Path:
+    """JEM++ category_mean + init_from_centers, SADA-JEM init_from_centers: the class Gaussians' parameters."""
+    jempp, sada = refs["sndnyang/JEMPP"], refs["sndnyang/SADAJEM"]
+    k, n = 2, 6
+    images = (nets.images(k * n, 32, seed=400) * 255).round().to(torch.uint8)
+    labels = torch.arange(k).repeat_interleave(n)[torch.randperm(k * n, generator=torch.Generator().manual_seed(5))]
+    p = nets.probes(3 * 32 * 32)
+    with float64():
+        mod = jempp.load("train_jempp.py", stubs=STUBS)
+        files = _Files()
+        args = types.SimpleNamespace(dataset="cifar10", n_classes=k, buffer_size=2 * k, device="cpu")
+        x_sym = _sym(images.double() / 255)
+        loader = [(x_sym[:7], labels[:7]), (x_sym[7:], labels[7:])]       # dload_train: [-1,1] batches
+        with _patched(mod, t=files, conditionals=[]):
+            mod.category_mean(loader, args)
+            buffer = mod.init_from_centers(args)
+            jempp_record = _conditionals_record(mod.conditionals, p)
+        smod = sada.load("train_sadajem.py", stubs=STUBS)
+        version = torch.__version__.split(".")[1]
+        sfiles = _Files()
+        sfiles.files = {f"{name}": v for name, v in files.files.items()}   # the same statistics files
+        with _patched(smod, t=sfiles, conditionals=[]):
+            smod.init_from_centers(args)
+            sada_record = _conditionals_record(smod.conditionals, p)
+    same = max((jempp_record[key] - sada_record[key]).abs().max().item() for key in jempp_record)
+    assert same == 0.0, f"SADA-JEM's init_from_centers differs from JEM++'s by {same}"
+    return save_fixture(
+        "informative_init",
+        source=[jempp.source("train_jempp.py", "category_mean, init_from_centers"),
+                sada.source("train_sadajem.py", "init_from_centers (multi_center.py category_mean: same lines)")],
+        inputs={"images": images, "labels": labels, "num_classes": k},   # probes: nets.probes(3072)
+        outputs=jempp_record | {"buffer_in_range": bool(buffer.abs().max() <= 1), "sada_equal": True},
+        note=("t.save/t.load of the reference module write to a dict (category_mean's t.load(covs, path) at "
+              "train_jempp.py:159 is a bug for t.save; patched so); the loader yields un-augmented [-1,1] images "
+              f"(the reference's dload_train would add crop/flip and sigma noise). covariance stored as diag and "
+              f"cov @ probes. SADA-JEM's init_from_centers (torch minor {version} path) gives identical parameters."))
+
+
 def generate(refs) -> list[Path]:
     return generate_architectures(refs) + [generate_jem_step(refs), generate_jempp_step(refs),
-                                           generate_sadajem_step(refs)]
+                                           generate_sadajem_step(refs), generate_informative_init(refs)]

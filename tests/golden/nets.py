@@ -119,3 +119,8 @@ def bn_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 METHOD_CLASSES, METHOD_SIZE, METHOD_BATCH, METHOD_BUFFER = 4, 8, 4, 8
 JEM_WRN10 = JEM_WRN.model_copy(update={"depth": 10})
 JEMPP_WRN10 = JEMPP_WRN.model_copy(update={"depth": 10})
+
+
+def probes(d: int, m: int = 3) -> torch.Tensor:
+    """(d, m) fixed probe vectors: covariances are stored as cov @ probes (a 3072 x 3072 matrix is 75 MB)."""
+    return torch.stack([_wave(d, 200 + j) for j in range(m)], dim=1)
