@@ -88,7 +88,7 @@ def test_multistep_with_warmup_closed_form():
     got, _ = lrs(cfg, steps_per_epoch=5, n=20)
     for t, lr in enumerate(got):
         epoch = t // 5
-        expected = 0.1 * min(1.0, (t + 1) / 4) * 0.2 ** ((epoch >= 1) + (epoch >= 3))
+        expected = 0.1 * min(1.0, t / 4) * 0.2 ** ((epoch >= 1) + (epoch >= 3))   # JEM: lr 0 at t = 0
         assert lr == pytest.approx(expected, rel=1e-9), t
 
 
@@ -109,7 +109,7 @@ def test_onecycle_closed_form_and_warmup_composition():
     assert got[t] == pytest.approx(0.1 + (initial - 0.1) / 2 * (1 + math.cos(math.pi * t / peak_step)), rel=1e-9)
     warm, _ = lrs(sched_cfg(name="onecycle", epochs=2, pct_start=0.25, warmup_iters=8), steps_per_epoch=10, n=20)
     for t in range(20):
-        assert warm[t] == pytest.approx(got[t] * min(1.0, (t + 1) / 8), rel=1e-9)
+        assert warm[t] == pytest.approx(got[t] * min(1.0, t / 8), rel=1e-9)
 
 
 def test_scale_lr_and_state_roundtrip():

@@ -10,7 +10,7 @@ statistics frozen during the second pass (`frozen_bn_stats`).
 
 Every schedule is stepped once per iteration and has the form
 
-    lr(t) = lr * shape(t) * warmup(t) * scale,    warmup(t) = min(1, (t + 1) / warmup_iters)
+    lr(t) = lr * shape(t) * warmup(t) * scale,    warmup(t) = min(1, t / warmup_iters)
 
 with shape one of constant (1), multistep (gamma^#{milestones <= epoch}),
 cosine (0.5 (1 + cos(pi t / T))), or torch's OneCycleLR (WEAT; it also
@@ -130,8 +130,10 @@ def shape_factor(cfg, step: int, steps_per_epoch: int) -> float:
 
 
 def warmup_factor(step: int, warmup_iters: int) -> float:
-    """Linear warm-up of JEM: (t + 1) / warmup_iters for the first warmup_iters iterations."""
-    return 1.0 if warmup_iters <= 0 else min(1.0, (step + 1) / warmup_iters)
+    """Linear warm-up of the JEM family: t / warmup_iters for t <= warmup_iters, so iteration 0 has lr 0
+    (`if cur_iter <= args.warmup_iters: lr = args.lr * cur_iter / float(args.warmup_iters)`:
+    JEM train_wrn_ebm.py:303-306, JEM++ train_jempp.py:227-230, SADA-JEM train_sadajem.py:188-191)."""
+    return 1.0 if warmup_iters <= 0 else min(1.0, step / warmup_iters)
 
 
 class LRSchedule:
