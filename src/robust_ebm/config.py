@@ -98,7 +98,7 @@ class DatasetConfig(Strict):
     split_seed: int = Field(0, ge=0, description="seed of the train/valid split (one split per data set)")
     download: bool = Field(False, description="try torchvision's download when nothing local is found")
     n_test: int | None = Field(None, ge=1, description="sklearn_digits: size of its stratified test split")
-    stats_rank: int = Field(64, ge=1, description="max rank of the per-class Gaussian (data.class_stats)")
+    stats_rank: int = Field(64, ge=1, description="principal directions kept per class (WEAT PCA init; data.class_stats)")
 
     @model_validator(mode="after")
     def _check_source(self):
