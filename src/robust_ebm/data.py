@@ -20,7 +20,7 @@ never used for selection. `prepare_stage` is the `data` stage of the workflow.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -332,10 +332,11 @@ class ClassStats:
     Class Gaussian (`gaussian(k)`): N(mean_k, Σ_k + diag_eps I) with Σ_k the biased (1/n_k) covariance,
     as JEM++ category_mean / init_from_centers (train_jempp.py:132-182) and SADA-JEM
     (multi_center.py:13-44, train_sadajem.py:114-136) compute it; diag_eps = 1e-4 in [-1,1] units.
-    Σ_k is kept as its data factor A_k = (X_k - mean_k)^T / sqrt(n_k) (A A^T = Σ_k exactly), i.e. the
-    training images themselves, shared with the splits: no D x D matrix. Memory: the uint8 training
-    images (CIFAR-10/100: 45,000 x 3,072 B = 138 MB; Tiny-ImageNet: 100,000 x 12,288 B = 1.23 GB),
-    against 377 MB, 3.8 GB and 121 GB for float32 Cholesky factors of the 10, 100 and 200 classes.
+    Σ_k is kept as its data factor A_k = (X_k - mean_k)^T / sqrt(n_k) (A A^T = Σ_k exactly): no D x D
+    matrix. `draw_factor` keeps A_k on the sampling device in the default dtype once a class is used;
+    memory of all classes in float32 = the training set: CIFAR-10/100 (45,000 x 3,072) 553 MB,
+    Tiny-ImageNet (90,000 x 12,288) 4.4 GB, plus the uint8 images held by the splits (138 MB, 1.1 GB);
+    float32 Cholesky factors would take 377 MB, 3.8 GB and 121 GB for 10, 100 and 200 classes.
     A draw costs O(n_k D) (CIFAR-10: 1.4e7 flops). Without attached images (a stats file alone) the
     Gaussian is the low-rank one of the stored basis: N(mean_k, basis_k diag(scales_k^2) basis_k^T + diag_eps I).
 
@@ -351,6 +352,7 @@ class ClassStats:
     diag_eps: float = INFORMATIVE_DIAG_EPS
     images: Tensor | None = None   # (N, C, H, W) training images (uint8 or [0,1] float); never saved
     labels: Tensor | None = None   # (N,)
+    _factors: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # draw_factor cache
 
     def to_dict(self) -> dict:
         return {"mean": self.mean, "basis": self.basis, "scales": self.scales, "counts": self.counts,
@@ -383,6 +385,14 @@ class ClassStats:
             xk = xk / 255.0
         mean = xk.mean(0)
         return mean, (xk - mean).T / len(xk) ** 0.5
+
+    def draw_factor(self, k: int, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`gaussian(k)` on `device` in `dtype`, computed once per (class, device, dtype) and kept."""
+        key = (k, str(device), dtype)
+        if key not in self._factors:
+            mean, factor = self.gaussian(k, device)
+            self._factors[key] = (mean.to(dtype), factor.to(dtype).contiguous())
+        return self._factors[key]
 
 
 def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: int,

@@ -314,9 +314,9 @@ def init_gaussian(stats, labels: Tensor, generator: torch.Generator | None = Non
     x = torch.empty((len(labels), math.prod(image_shape)), device=device)
     for k in labels.unique().tolist():  # one matmul per class
         rows = (labels == k).nonzero().squeeze(1)
-        mean, factor = stats.gaussian(k, device)
-        z = _randn((len(rows), factor.shape[1]), device, generator).to(torch.float64)
-        x[rows] = (mean + z @ factor.T).to(x.dtype)
+        mean, factor = stats.draw_factor(k, device, x.dtype)
+        z = _randn((len(rows), factor.shape[1]), device, generator).to(x.dtype)
+        x[rows] = mean + z @ factor.T
     return _noisy(x.view(len(labels), *image_shape), math.sqrt(stats.diag_eps), generator)
 
 
