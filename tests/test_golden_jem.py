@@ -4,17 +4,27 @@ Architectures: our formula weights, renamed by `reference_weights.to_reference`,
 strictly into the reference classes (JEM wideresnet.py, JEM++ wideresnet_yopo.py, SADA-JEM
 models/wideresnet.py, TRADES wideresnet.py, kuangliu resnet.py); every block's output, the logits
 (train and eval mode for BatchNorm nets) and the running statistics must agree to 1e-8.
+Training steps: our methods with params.yaml's paper settings, fed the reference's stored random
+draws, reproduce the chain, the buffer, the loss, every gradient and the BN statistics.
+Inits: the class Gaussians' parameters of JEM++ / SADA-JEM. Provenance: docs/provenance_jem.md.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from golden import nets
 from golden.common import assert_close, load_fixture
-from robust_ebm import reference_weights
-from robust_ebm.models import ModelConfig
+from robust_ebm import reference_weights, sampling
+from robust_ebm.config import load_params
+from robust_ebm.data import class_stats
+from robust_ebm.methods import Batch, build_method
+from robust_ebm.models import ModelConfig, load_classifier
+from robust_ebm.optim import build_optimizer
+from robust_ebm.train import train_step
 
 ARCHITECTURES = ["wrn_jem", "wrn_jempp", "wrn_sadajem", "wrn_trades", "resnet18"]
 
@@ -82,8 +92,6 @@ def test_jem_block_differs_from_trades_block():
 
 def test_reference_checkpoint_loads(tmp_path):
     """A JEM checkpoint ({'model_state_dict', 'replay_buffer'}) loads through load_classifier."""
-    from robust_ebm.models import load_classifier
-
     model = nets.build(nets.JEM_WRN, image_size=12).float()
     ref_state = reference_weights.to_reference(model.state_dict(), "jem")
     torch.save({"model_state_dict": ref_state, "replay_buffer": torch.zeros(2, 3, 12, 12)}, tmp_path / "jem.pt")
@@ -99,14 +107,6 @@ def test_reference_checkpoint_loads(tmp_path):
 
 
 # ---------------------------------------------------------------- training steps
-
-from pathlib import Path  # noqa: E402
-
-from robust_ebm import sampling  # noqa: E402
-from robust_ebm.config import load_params  # noqa: E402
-from robust_ebm.methods import Batch, build_method  # noqa: E402
-from robust_ebm.optim import build_optimizer  # noqa: E402
-from robust_ebm.train import train_step  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -232,8 +232,6 @@ def test_sadajem_sam_step_matches_reference(monkeypatch):
 def test_informative_init_parameters_match_reference():
     """JEM++ category_mean + init_from_centers (= SADA-JEM's mixture components): mean and covariance
     (+1e-4 I) in [-1,1] units equal our ClassStats.gaussian in pixels mapped by x' = 2x - 1."""
-    from robust_ebm.data import class_stats
-
     fixture = load_fixture("informative_init")
     inp, ref = fixture["inputs"], fixture["outputs"]
     images, labels = inp["images"], inp["labels"]
@@ -251,8 +249,6 @@ def test_informative_init_parameters_match_reference():
 
 def test_informative_init_draws_follow_the_factor(monkeypatch):
     """A draw is clamp(mean_y + A_y z + sqrt(diag_eps) eps, 0, 1) with the stored factor, per label."""
-    from robust_ebm.data import class_stats
-
     fixture = load_fixture("informative_init")
     images, labels = fixture["inputs"]["images"], fixture["inputs"]["labels"]
     stats = class_stats(images.double() / 255, labels, 2, max_rank=4).attach(images, labels)
