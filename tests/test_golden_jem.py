@@ -81,6 +81,15 @@ def test_architecture_matches_reference(name):
         assert_close(model(inp["x32"]), out["logits_32_eval"], what=f"{name} 32x32 logits (reference pooling unpatched)")
 
 
+def test_key_mapping_rejects_foreign_keys_and_leaves_ours_alone():
+    model = nets.build(nets.TRADES_WRN, image_size=12)
+    assert reference_weights.detect_layout(model.state_dict()) is None
+    with pytest.raises(ValueError, match="not part of the 'jem' reference layout"):
+        reference_weights.from_reference({"f.conv1.weight": torch.zeros(1), "head.weight": torch.zeros(1)}, "jem")
+    with pytest.raises(ValueError, match="unknown reference layout"):
+        reference_weights.to_reference(model.state_dict(), "vgg")
+
+
 def test_jem_block_differs_from_trades_block():
     """The two layouts are different functions of the same weights (the first block of a stage)."""
     jem = nets.build(nets.JEM_WRN, image_size=12)
