@@ -272,9 +272,11 @@ def tiny_stats(num_classes, shape, rank=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     d = shape[0] * shape[1] * shape[2]
     basis = torch.linalg.qr(torch.randn(num_classes, d, rank, generator=g)).Q
-    return SimpleNamespace(mean=torch.rand((num_classes, *shape), generator=g), basis=basis,
-                           scales=0.1 * torch.ones(num_classes, rank), diag_eps=1e-4,
-                           counts=torch.full((num_classes,), 10))
+    from robust_ebm.data import ClassStats
+
+    return ClassStats(mean=torch.rand((num_classes, *shape), generator=g), basis=basis,
+                      scales=0.1 * torch.ones(num_classes, rank), counts=torch.full((num_classes,), 10),
+                      total_variance=torch.full((num_classes,), 0.01 * rank))
 
 
 def test_params_yaml_methods_build_and_train_one_step():

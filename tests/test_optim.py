@@ -88,7 +88,7 @@ def test_multistep_with_warmup_closed_form():
     got, _ = lrs(cfg, steps_per_epoch=5, n=20)
     for t, lr in enumerate(got):
         epoch = t // 5
-        expected = 0.1 * min(1.0, t / 4) * 0.2 ** ((epoch >= 1) + (epoch >= 3))
+        expected = 0.1 * min(1.0, t / 4) * 0.2 ** ((epoch >= 1) + (epoch >= 3))   # JEM: lr 0 at t = 0
         assert lr == pytest.approx(expected, rel=1e-9), t
 
 

@@ -97,7 +97,7 @@ class DatasetConfig(Strict):
     split_seed: int = Field(0, ge=0, description="seed of the train/valid split (one split per data set)")
     download: bool = Field(False, description="try torchvision's download when nothing local is found")
     n_test: int | None = Field(None, ge=1, description="sklearn_digits: size of its stratified test split")
-    stats_rank: int = Field(64, ge=1, description="max rank of the per-class Gaussian (data.class_stats)")
+    stats_rank: int = Field(64, ge=1, description="principal directions kept per class (WEAT PCA init; data.class_stats)")
 
     @model_validator(mode="after")
     def _check_source(self):
@@ -129,7 +129,7 @@ class DataConfig(Strict):
     batch_size: int = Field(ge=1)
     px_batch_size: int | None = Field(None, ge=1, description="second p(x) batch stream; null: none")
     augment: Augment = "crop_flip"
-    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2), not clamped (JEM 0.03; noise injection)")
+    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2) in pixel units, not clamped (JEM family: 0.015 = their 0.03 in [-1,1] units)")
     px_augment: Augment | None = Field(None, description="augmentation of the p(x) stream; null: same as augment")
     px_noise_std: Fraction | None = Field(None, ge=0.0, description="noise of the p(x) stream; null: same as noise_std")
     crop_padding: Literal["reflect", "zeros"] = Field(

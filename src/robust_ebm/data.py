@@ -20,7 +20,7 @@ never used for selection. `prepare_stage` is the `data` stage of the workflow.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -374,15 +374,27 @@ def random_crop(x: Tensor, pad: int, generator: torch.Generator | None = None, *
 # --------------------------------------------------------------------------- class statistics
 
 
+INFORMATIVE_DIAG_EPS = 1e-4 / 4   # JEM++ / SADA-JEM add 1e-4 I in [-1,1] units = 2.5e-5 I in pixel units
+
+
 @dataclass
 class ClassStats:
-    """Per-class Gaussian of training images in [0,1], low rank plus a diagonal:
+    """Per-class statistics of the training images in [0,1]: mean, top principal directions and,
+    when the images are attached, the exact class Gaussian of JEM++'s informative init.
 
-        x ~ N(mean_k, basis_k diag(scales_k^2) basis_k^T + diag_eps I)      (JEM++: Σ_k + 1e-4 I)
+    Class Gaussian (`gaussian(k)`): N(mean_k, Σ_k + diag_eps I) with Σ_k the biased (1/n_k) covariance,
+    as JEM++ category_mean / init_from_centers (train_jempp.py:132-182) and SADA-JEM
+    (multi_center.py:13-44, train_sadajem.py:114-136) compute it; diag_eps = 1e-4 in [-1,1] units.
+    Σ_k is kept as its data factor A_k = (X_k - mean_k)^T / sqrt(n_k) (A A^T = Σ_k exactly): no D x D
+    matrix. `draw_factor` keeps A_k on the sampling device in the default dtype once a class is used;
+    memory of all classes in float32 = the training set: CIFAR-10/100 (45,000 x 3,072) 553 MB,
+    Tiny-ImageNet (90,000 x 12,288) 4.4 GB, plus the uint8 images held by the splits (138 MB, 1.1 GB);
+    float32 Cholesky factors would take 377 MB, 3.8 GB and 121 GB for 10, 100 and 200 classes.
+    A draw costs O(n_k D) (CIFAR-10: 1.4e7 flops). Without attached images (a stats file alone) the
+    Gaussian is the low-rank one of the stored basis: N(mean_k, basis_k diag(scales_k^2) basis_k^T + diag_eps I).
 
-    A draw: x = mean_k + basis_k @ (scales_k * z) + sqrt(diag_eps) * eps, z, eps ~ N(0, I).
-    basis_k holds orthonormal principal directions (columns beyond a class's rank are zero, scale 0);
-    total_variance_k = trace of the full class covariance (for variance fractions).
+    basis_k holds orthonormal principal directions of the unbiased covariance (columns beyond a class's
+    rank are zero, scale 0) for WEAT's PCA init; total_variance_k = its trace (variance fractions).
     """
 
     mean: Tensor            # (K, C, H, W)
@@ -390,7 +402,10 @@ class ClassStats:
     scales: Tensor          # (K, r), descending
     counts: Tensor          # (K,)
     total_variance: Tensor  # (K,)
-    diag_eps: float = 1e-4
+    diag_eps: float = INFORMATIVE_DIAG_EPS
+    images: Tensor | None = None   # (N, C, H, W) training images (uint8 or [0,1] float); never saved
+    labels: Tensor | None = None   # (N,)
+    _factors: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # draw_factor cache
 
     def to_dict(self) -> dict:
         return {"mean": self.mean, "basis": self.basis, "scales": self.scales, "counts": self.counts,
@@ -404,10 +419,39 @@ class ClassStats:
     def rank(self) -> int:
         return self.basis.shape[-1]
 
+    def attach(self, images: Tensor, labels: Tensor) -> ClassStats:
+        """The same statistics with the training images attached (exact class Gaussians)."""
+        if images.shape[1:] != self.mean.shape[1:] or labels.shape != (len(images),):
+            raise ValueError(f"attach: images {tuple(images.shape)} / labels {tuple(labels.shape)} do not fit "
+                             f"class statistics of images {tuple(self.mean.shape[1:])}")
+        return replace(self, images=images, labels=labels)
 
-def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: int, diag_eps: float = 1e-4,
-                device: str | torch.device = "cpu") -> ClassStats:
-    """Mean and top principal directions of each class (float64 eigendecomposition on `device`, stored float32).
+    def gaussian(self, k: int, device=None) -> tuple[Tensor, Tensor]:
+        """float64 mean (D,) and factor A (D, m) of class k's covariance (A A^T = Σ_k; see class docstring)."""
+        device = torch.device(device) if device is not None else self.mean.device
+        if self.images is None:
+            mean = self.mean[k].to(device=device, dtype=torch.float64).flatten()
+            return mean, (self.basis[k] * self.scales[k]).to(device=device, dtype=torch.float64)
+        xk = self.images[(self.labels == k).nonzero().squeeze(1).to(self.images.device)]
+        xk = xk.to(device=device, dtype=torch.float64).flatten(1)
+        if self.images.dtype == torch.uint8:
+            xk = xk / 255.0
+        mean = xk.mean(0)
+        return mean, (xk - mean).T / len(xk) ** 0.5
+
+    def draw_factor(self, k: int, device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`gaussian(k)` on `device` in `dtype`, computed once per (class, device, dtype) and kept."""
+        key = (k, str(device), dtype)
+        if key not in self._factors:
+            mean, factor = self.gaussian(k, device)
+            self._factors[key] = (mean.to(dtype), factor.to(dtype).contiguous())
+        return self._factors[key]
+
+
+def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: int,
+                diag_eps: float = INFORMATIVE_DIAG_EPS, device: str | torch.device = "cpu") -> ClassStats:
+    """Mean and top principal directions of each class (float64 eigendecomposition on `device`, stored float32),
+    with `images01` attached (ClassStats.gaussian).
 
     Rank r = min(D, max_k n_k - 1, max_rank); the unbiased covariance (n_k - 1) is used. A class with
     n_k <= D is decomposed through its n_k x n_k Gram matrix, otherwise through its D x D covariance
@@ -443,7 +487,8 @@ def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: in
             values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         basis[k, :, :rk], scales[k, :rk] = vectors[:, :rk], values[:rk].sqrt()
     return ClassStats(mean=mean.float().cpu().reshape(num_classes, *shape), basis=basis.float().cpu(),
-                      scales=scales.float().cpu(), counts=counts, total_variance=total.float().cpu(), diag_eps=diag_eps)
+                      scales=scales.float().cpu(), counts=counts, total_variance=total.float().cpu(), diag_eps=diag_eps,
+                      images=images01, labels=labels)
 
 
 def n_components_for_variance(stats: ClassStats, k: int, fraction: float = 0.95) -> int:
@@ -497,7 +542,7 @@ def load_prepared(out_dir: str | Path) -> tuple[Splits, ClassStats]:
         if isinstance(err, BadFileError):
             raise
         raise BadFileError(f"{out_dir} does not hold the data stage's splits.pt/class_stats.pt ({err}); {fix}") from None
-    return splits, stats
+    return splits, stats.attach(splits.train.images, splits.train.labels)
 
 
 def _splits_to_dict(splits: Splits) -> dict:

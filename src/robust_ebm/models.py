@@ -11,13 +11,18 @@ adaptive average pooling, so any image size >= 8 works.
 
 Architectures (weights follow the reference code bases):
 - `wrn`: Wide ResNet-d-k with pre-activation wide basic blocks
-  (Zagoruyko & Komodakis; JEM, TRADES), widths 16, 16k, 32k, 64k.
+  (Zagoruyko & Komodakis), widths 16, 16k, 32k, 64k, in one of two block layouts (`block`):
+  `trades` (TRADES/MART models/wideresnet.py BasicBlock: conv1 strides, the 1x1 shortcut reads
+  act(norm(x)), dropout before conv2, convs without bias) or `jem` (JEM wideresnet.py and
+  JEM++/SADA-JEM models/wideresnet*.py `wide_basic`: conv2 strides, the 1x1 shortcut reads the raw
+  x, dropout right after conv1, every conv with a bias, BatchNorm included).
+  `robust_ebm.reference_weights` maps the reference checkpoints' keys onto ours.
 - `resnet18`: kuangliu's CIFAR ResNet-18 (3x3 stem, no max-pool, BasicBlocks [2,2,2,2]).
 - `preact_resnet18`: PreAct ResNet-18 (He et al. 2016; Rice et al. 2020 with a final norm + activation).
 - `tiny_cnn`: three 3x3 convs (width, 2 width, 4 width) for the CPU smoke profile.
 
 Convolutions carry a bias only when no normalisation layer follows
-(`norm: none`, as in JEM's WRN).
+(`norm: none`), except in the `jem` block layout, where every convolution has one (as in the references).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from . import reference_weights
 from .files import BadFileError, load_torch
 from .runtime import atomic_torch_save
 from .schema_types import Strict
@@ -46,6 +52,7 @@ class ModelConfig(Strict):
     activation: Literal["relu", "leaky_relu"] = "relu"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     input_range: Literal["unit", "symmetric"] = "unit"
+    block: Literal["trades", "jem"] = Field("trades", description="WRN block layout (module docstring)")
 
     @model_validator(mode="after")
     def _check_arch(self):
@@ -53,6 +60,8 @@ class ModelConfig(Strict):
             raise ValueError(f"WRN depth must be 6n+4 (e.g. 16, 28, 34, 40), got depth={self.depth}")
         if self.arch != "wrn" and self.dropout > 0:
             raise ValueError(f"dropout is only implemented for arch 'wrn'; set dropout: 0 for arch '{self.arch}'")
+        if self.arch != "wrn" and self.block != "trades":
+            raise ValueError(f"block '{self.block}' is a WRN block layout; remove `block` for arch '{self.arch}'")
         return self
 
 
@@ -103,14 +112,15 @@ def _act(cfg: ModelConfig) -> nn.Module:
 
 
 def _conv(c_in: int, c_out: int, cfg: ModelConfig, kernel: int = 3, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=cfg.norm == "none")
+    bias = cfg.norm == "none" or cfg.block == "jem"
+    return nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=bias)
 
 
 class PreActBlock(nn.Module):
     """Pre-activation block: out = conv2(act(norm2(drop(conv1(a))))) + skip, a = act(norm1(x)).
 
-    skip = x, or a 1x1 conv of `a` when the shape changes. With dropout this
-    is WRN's wide basic block; without it, PreAct ResNet's block.
+    skip = x, or a 1x1 conv of `a` when the shape changes; conv1 strides. With dropout this is
+    the `trades` WRN layout (TRADES/MART models/wideresnet.py BasicBlock); without it, PreAct ResNet's block.
     """
 
     def __init__(self, c_in: int, c_out: int, stride: int, cfg: ModelConfig):
@@ -129,6 +139,30 @@ class PreActBlock(nn.Module):
         out = self.conv1(a)
         out = self.conv2(self.drop(self.act2(self.norm2(out))))
         return out + skip
+
+
+class JemBlock(nn.Module):
+    """JEM's wide_basic: out = conv2(act(norm2(drop(conv1(act(norm1(x))))))) + skip, conv2 strides.
+
+    skip = x, or a 1x1 strided conv of the raw x when the shape changes (JEM wideresnet.py:42-63,
+    JEM++ models/wideresnet_yopo.py:37-58, SADA-JEM models/wideresnet.py). Same parameter names as
+    `PreActBlock`; only the wiring differs.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, cfg: ModelConfig):
+        super().__init__()
+        self.norm1, self.act1 = _norm(c_in, cfg), _act(cfg)
+        self.conv1 = _conv(c_in, c_out, cfg)
+        self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.norm2, self.act2 = _norm(c_out, cfg), _act(cfg)
+        self.conv2 = _conv(c_out, c_out, cfg, stride=stride)
+        changes_shape = stride != 1 or c_in != c_out
+        self.shortcut = _conv(c_in, c_out, cfg, kernel=1, stride=stride) if changes_shape else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.drop(self.conv1(self.act1(self.norm1(x))))
+        out = self.conv2(self.act2(self.norm2(out)))
+        return out + (x if self.shortcut is None else self.shortcut(x))
 
 
 class BasicBlock(nn.Module):
@@ -168,7 +202,8 @@ def _wrn(cfg: ModelConfig, in_channels: int):
     n, k = (cfg.depth - 4) // 6, cfg.width
     plan = [(16 * k, n, 1), (32 * k, n, 2), (64 * k, n, 2)]
     stem = _conv(in_channels, 16, cfg)
-    trunk = _stages(PreActBlock, 16, plan, cfg) + [("norm", _norm(64 * k, cfg)), ("act", _act(cfg))] + _pool()
+    block = JemBlock if cfg.block == "jem" else PreActBlock
+    trunk = _stages(block, 16, plan, cfg) + [("norm", _norm(64 * k, cfg)), ("act", _act(cfg))] + _pool()
     return stem, trunk, 64 * k
 
 
@@ -307,6 +342,15 @@ def load_for_run(run, path: str | Path, device="cpu", *, own_model: bool = True)
     return model.to(device).eval().requires_grad_(False), meta
 
 
+def _check_reference_layout(layout: str, cfg: ModelConfig, path) -> None:
+    arch = "resnet18" if layout == "resnet18" else "wrn"
+    block = reference_weights.BLOCK_OF.get(layout, cfg.block)
+    if cfg.arch != arch or cfg.block != block:
+        raise ValueError(f"{path} is a '{layout}' reference checkpoint: pass model_config with arch '{arch}'"
+                         + (f" and block '{block}'" if arch == "wrn" else "")
+                         + f", not arch '{cfg.arch}', block '{cfg.block}'")
+
+
 def load_classifier(path: str | Path, map_location="cpu", *, model_config: ModelConfig | None = None,
                     num_classes: int | None = None, in_channels: int | None = None,
                     image_size: int | None = None) -> tuple[Classifier, dict]:
@@ -314,7 +358,9 @@ def load_classifier(path: str | Path, map_location="cpu", *, model_config: Model
 
     A checkpoint written by `save_classifier` describes itself. A user's own
     checkpoint (only a state_dict) needs its architecture: pass model_config,
-    num_classes, in_channels and image_size; meta is then {"source": path}.
+    num_classes, in_channels and image_size; meta is then {"source": path}. A checkpoint of the
+    official JEM / JEM++ / SADA-JEM / TRADES / MART / MAIL code is recognised by its keys and renamed
+    (`reference_weights`); meta then also holds "reference_layout".
     """
     path = Path(path)
     if not path.is_file():
@@ -343,6 +389,10 @@ def load_classifier(path: str | Path, map_location="cpu", *, model_config: Model
                              "width=10), num_classes=10, in_channels=3, image_size=32)")
         cfg, shapes = model_config, given
         state, meta = _user_state_dict(payload, path), {"source": str(path)}
+        layout = reference_weights.detect_layout(state)
+        if layout is not None:  # a checkpoint of the official code (JEM, JEM++, TRADES, kuangliu ResNet)
+            _check_reference_layout(layout, cfg, path)
+            state, meta["reference_layout"] = reference_weights.from_reference(state, layout), layout
 
     model = build_model(cfg, **shapes)
     _load_weights(model, state, cfg, path)

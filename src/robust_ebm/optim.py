@@ -134,7 +134,9 @@ def shape_factor(cfg, step: int, steps_per_epoch: int) -> float:
 
 
 def warmup_factor(step: int, warmup_iters: int) -> float:
-    """Linear warm-up of JEM (train_wrn_ebm.py:303-304): t / warmup_iters at 0-based iteration t <= warmup_iters."""
+    """Linear warm-up of the JEM family: t / warmup_iters for t <= warmup_iters, so iteration 0 has lr 0
+    (`if cur_iter <= args.warmup_iters: lr = args.lr * cur_iter / float(args.warmup_iters)`:
+    JEM train_wrn_ebm.py:303-306, JEM++ train_jempp.py:227-230, SADA-JEM train_sadajem.py:188-191)."""
     return 1.0 if warmup_iters <= 0 else min(1.0, step / warmup_iters)
 
 

@@ -267,7 +267,7 @@ def run_sampler(model, x0, cfg: SamplerConfig, *, y=None, generator=None, return
 
 # ---------------------------------------------------------------- initialisations
 # `stats` is a data.ClassStats: mean (K,C,H,W), basis (K,D,r) orthonormal columns,
-# scales (K,r) standard deviations along them, diag_eps, counts (K,).
+# scales (K,r) standard deviations along them, diag_eps, counts (K,); gaussian(k) -> (mean, factor).
 
 
 def init_uniform(n: int, shape, generator: torch.Generator | None = None, device=None) -> Tensor:
@@ -300,13 +300,24 @@ def _class_gaussian(stats, labels: Tensor, rank_of, noise_std: float, generator,
 
 
 def init_gaussian(stats, labels: Tensor, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """Class-conditional Gaussian N(mu_y, U_y diag(s_y^2) U_y^T + diag_eps I), clamped to [0,1].
+    """Class-conditional Gaussian N(mu_y, Sigma_y + diag_eps I), clamped to [0,1]: x = mu_y + A_y z + sqrt(diag_eps) eps.
 
-    JEM++'s "informative" init (N(mu_c, Sigma_c + 1e-4 I)), JEAT Sec. 2.2's x0 ~ N(mu_y, Sigma_y)
-    and Santurkar et al.'s seeds; low-rank when `stats` keeps fewer than D directions.
+    JEM++'s "informative" init and SADA-JEM's mixture components (MultivariateNormal(mean, cov + 1e-4 I) in
+    [-1,1] units, then clamp: train_jempp.py:162-182, train_sadajem.py:114-136), JEAT Sec. 2.2's
+    x0 ~ N(mu_y, Sigma_y) and Santurkar et al.'s seeds. A_y = `stats.gaussian(y)`'s factor: the exact
+    biased class covariance when the training images are attached (z has n_y entries), else the stored
+    low-rank basis. Same distribution as the reference's Cholesky draw; not the same draws.
     """
-    full_rank = stats.scales.shape[1]
-    return _class_gaussian(stats, labels, lambda k: full_rank, math.sqrt(stats.diag_eps), generator, device)
+    device = torch.device(device) if device is not None else stats.mean.device
+    labels = labels.to(device)
+    image_shape = tuple(stats.mean.shape[1:])
+    x = torch.empty((len(labels), math.prod(image_shape)), device=device)
+    for k in labels.unique().tolist():  # one matmul per class
+        rows = (labels == k).nonzero().squeeze(1)
+        mean, factor = stats.draw_factor(k, device, x.dtype)
+        z = _randn((len(rows), factor.shape[1]), device, generator).to(x.dtype)
+        x[rows] = mean + z @ factor.T
+    return _noisy(x.view(len(labels), *image_shape), math.sqrt(stats.diag_eps), generator)
 
 
 def init_pca(stats, labels: Tensor, fraction: float = 0.95, sigma: float = 0.005, generator=None, device=None) -> Tensor:
@@ -323,9 +334,10 @@ def init_pca(stats, labels: Tensor, fraction: float = 0.95, sigma: float = 0.005
 
 
 def init_gm(stats, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """SADA-JEM Gaussian mixture: a class drawn with weight counts_k / N, then `init_gaussian` of that class."""
-    weights = stats.counts.double().to(_source(device or stats.mean.device, generator))
-    labels = torch.multinomial(weights, n, replacement=True, generator=generator)
+    """SADA-JEM's Gaussian mixture without labels: a class drawn uniformly (np.random.randint(len(conditionals)),
+    train_sadajem.py:39-49), then `init_gaussian` of that class. With labels (the replay buffer's class
+    blocks, as init_from_centers fills it) `initialise('gm', labels=...)` is `init_gaussian` itself."""
+    labels = _randint(stats.mean.shape[0], (n,), device or stats.mean.device, generator)
     return init_gaussian(stats, labels, generator, device)
 
 
@@ -405,10 +417,10 @@ def initialise(
 ) -> Tensor:
     """n starting images (n, *shape) in [0,1] of the given kind.
 
-    'gaussian' and 'pca' are class-conditional: without labels the classes are
-    drawn uniformly (JEM++). 'noisy_data' starts from images of the label's class
+    'gaussian', 'gm' and 'pca' are class-conditional: without labels the classes are
+    drawn uniformly (JEM++, SADA-JEM). 'noisy_data' starts from images of the label's class
     in `data` (classes `data_labels`); without labels from any image of `data`.
-    'uniform', 'gm' and 'data' ignore labels.
+    'uniform' and 'data' ignore labels.
     """
     _check_init(kind, shape, stats, data, data_labels)
     if labels is not None and len(labels) != n:
@@ -421,11 +433,11 @@ def initialise(
         if labels is None:
             labels = data_labels[_randint(len(data_labels), (n,), data_labels.device, generator)]
         return init_noisy_data(data, data_labels, labels, noise_std, generator, device)
-    if kind == "gm":
+    if kind == "gm" and labels is None:
         return init_gm(stats, n, generator, device)
     if labels is None:
         labels = _randint(stats.mean.shape[0], (n,), device or stats.mean.device, generator)
-    if kind == "gaussian":
+    if kind in ("gaussian", "gm"):
         return init_gaussian(stats, labels, generator, device)
     return init_pca(stats, labels, pca_fraction, pca_sigma, generator, device)
 
@@ -453,7 +465,7 @@ class ReplayBuffer:
     row. A Bernoulli(reinit_prob) fraction of each draw is replaced by fresh
     `init_fn(labels, generator)` images, labelled with their block's class; only
     those rows are drawn. `storage='uint8'` keeps 1/4 of the memory and rounds every
-    stored chain to 1/255 (values must be in [0,1]). All randomness comes from the
+    stored chain to 1/255 (values must be in [0,1]); 'float64' keeps chains exact in float64 runs. All randomness comes from the
     buffer's own generator, which `state_dict` saves: a resumed buffer continues
     exactly as an uninterrupted one.
     """
@@ -467,14 +479,14 @@ class ReplayBuffer:
         reinit_prob: float,
         generator: torch.Generator | None = None,
         device="cpu",
-        storage: Literal["float32", "uint8"] = "float32",
+        storage: Literal["float32", "uint8", "float64"] = "float32",
     ):
         if size < num_classes or size % num_classes:
             raise ValueError(f"buffer_size {size} must be a positive multiple of num_classes {num_classes} (one block per class)")
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must be in [0,1], got {reinit_prob}")
-        if storage not in ("float32", "uint8"):
-            raise ValueError(f"storage must be 'float32' or 'uint8', got '{storage}'")
+        if storage not in ("float32", "uint8", "float64"):
+            raise ValueError(f"storage must be 'float32', 'uint8' or 'float64', got '{storage}'")
         self.device = torch.device(device)
         if generator is None:  # own, saveable stream, seeded from the global RNG (seed_everything)
             generator = torch.Generator(device=self.device).manual_seed(int(torch.randint(2**62, ())))
@@ -487,14 +499,14 @@ class ReplayBuffer:
 
     @classmethod
     def from_config(cls, cfg: SamplerConfig, *, shape, num_classes: int, stats=None, data=None, generator=None,
-                    device="cpu", storage: Literal["float32", "uint8"] = "float32") -> "ReplayBuffer":
+                    device="cpu", storage: Literal["float32", "uint8", "float64"] = "float32") -> "ReplayBuffer":
         """The buffer a method's sampler section asks for (size, reinit rate, init kind)."""
         init_fn = make_init_fn(cfg, shape=shape, stats=stats, data=data, device=device)
         return cls(cfg.buffer_size, shape, num_classes, init_fn, cfg.reinit_prob, generator, device, storage)
 
     @property
     def _dtype(self) -> torch.dtype:
-        return torch.uint8 if self.storage == "uint8" else torch.float32
+        return {"uint8": torch.uint8, "float32": torch.float32, "float64": torch.float64}[self.storage]
 
     def __len__(self) -> int:
         return self.size
@@ -506,7 +518,7 @@ class ReplayBuffer:
         return x
 
     def sample(self, n: int, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """n starting points (float32 on the buffer's device) and their row indices."""
+        """n starting points (float32, float64 for that storage, on the buffer's device) and their row indices."""
         if y is None:
             idx = _randint(self.size, (n,), self.device, self.generator)
         else:
@@ -532,7 +544,7 @@ class ReplayBuffer:
         return self._decode(self.buffer)
 
     def _decode(self, rows: Tensor) -> Tensor:
-        return rows.float() / 255.0 if self.storage == "uint8" else rows.clone()
+        return rows.float() / 255.0 if self.storage == "uint8" else rows.clone()  # float rows keep their dtype
 
     def state_dict(self) -> dict:
         return {

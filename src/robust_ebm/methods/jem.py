@@ -11,19 +11,26 @@ The three methods differ only in their configuration (`sampler:`, `data:`, `opti
     JEM++     PYLD (proximal YOPO sampler), informative (class-Gaussian) init, BN in train mode while sampling
     SADA-JEM  SGLD without noise, Gaussian-mixture init, un-augmented p(x) stream; SAM is the optimiser's job
 
-Forward order in loss() follows the released code (x_px, x_sgld, then the labelled x), so with
-BatchNorm the running statistics end on real data. JEM++'s `plc alltrain1` runs the x_px forward
-before sampling; here sampling comes first (prepare), which changes BN running statistics only.
+Forward order follows the released code, which matters for BatchNorm running statistics only
+(train-mode outputs use batch statistics): JEM++ (`--plc alltrain1`, train_jempp.py:238-240) and
+SADA-JEM (train_sadajem.py:203-206) forward x_px BEFORE sampling, then x_sgld, then the labelled x.
+`params.px_forward: before_sampling` reproduces that: prepare() runs a no-grad forward of x_px (the
+statistics update) and loss() takes E(x_px) with the statistics frozen, so every BN layer sees the
+same batches in the same order as the reference. `after_sampling` (JEM, where no BN exists, and
+JEM++'s `--plc alltrain2`) samples first and updates the statistics in loss().
 """
 
 from __future__ import annotations
 
 import torch
+from typing import Literal
+
 from pydantic import Field
 from torch import Tensor
 
 from .. import sampling
 from ..energy import cross_entropy, marginal_energy
+from ..optim import frozen_bn_stats
 from ..schema_types import Strict
 from .base import Batch, LossOutput, Method, energies, output
 
@@ -98,6 +105,8 @@ class SamplerMethod(Method):
 class JemParams(Strict):
     p_x: float = Field(1.0, ge=0.0, description="weight of the p(x) contrastive term")
     p_y_given_x: float = Field(1.0, ge=0.0, description="weight of CE on the labelled batch")
+    px_forward: Literal["after_sampling", "before_sampling"] = Field(
+        "after_sampling", description="when x_px updates BatchNorm statistics (module docstring)")
 
 
 class JEM(SamplerMethod):
@@ -110,11 +119,18 @@ class JEM(SamplerMethod):
         if batch.x_px is None:
             raise ValueError(f"method '{self.name}' needs batch.x_px, the p(x) stream (needs_px_stream is true)")
         n = batch.x_px.shape[0]
+        if self.params.px_forward == "before_sampling":
+            with torch.no_grad():
+                model(batch.x_px)  # the reference's first forward: its BN statistics update, before sampling
         return {"x": batch.x, "y": batch.y, "x_px": batch.x_px, "x_sgld": self.sampler.sample(model, n)}
 
     def px_terms(self, model, prepared: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """E(x_px), E(x_sgld) and their contrast (one forward each, data first)."""
-        e_data = marginal_energy(model(prepared["x_px"]))
+        if self.params.px_forward == "before_sampling":
+            with frozen_bn_stats(model):  # statistics already updated by prepare()
+                e_data = marginal_energy(model(prepared["x_px"]))
+        else:
+            e_data = marginal_energy(model(prepared["x_px"]))
         e_sgld = marginal_energy(model(prepared["x_sgld"]))
         return e_data, e_sgld, px_contrast(e_data, e_sgld)
 
