@@ -34,14 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .attacks import AttackConfig, perturb
+from .attacks import AttackConfig
 from .data import load_prepared
 from .evaluate import load_for_run
-from .runtime import atomic_write_bytes, atomic_write_json, pick_device
+from .runtime import atomic_write_bytes, atomic_write_json, model_mode, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 
 BUFFER_FILE = "replay_buffer.pt"
@@ -108,6 +109,53 @@ def langevin_samples(
     return torch.cat(images), torch.cat(out_labels)
 
 
+def robustness_targeted_l2(model: nn.Module, x0: Tensor, target: Tensor, *, eps: float, step_size: float,
+                           iterations: int, random_start: bool = False,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """Targeted L2 PGD on CE as MadryLab/robustness runs it (attacker.Attacker.forward, constraint '2',
+    targeted=True, use_best=True, the defaults of Santurkar et al.'s generation):
+
+        random start (optional): x = clamp(x0 + eps * r / (||r|| + 1e-10), 0, 1), r ~ N(0, I)
+        each iteration, with l = CE(f(clamp(x, 0, 1)), target) per example:
+            keep x as the best iterate of its example if l is strictly below the best so far
+            g = grad_x( -mean(l) ),  x = x + step_size * g / (||g||_2 + 1e-10)           (attack_steps.L2Step.step)
+            x = clamp(x0 + renorm_2(x - x0, maxnorm=eps), 0, 1)                           (L2Step.project)
+        after the loop the last iterate competes too; returns the best iterate (lowest CE) of each example.
+    """
+    def losses_at(x):
+        return F.cross_entropy(model(x.clamp(0.0, 1.0)), target, reduction="none")
+
+    orig = x0.detach()
+    x = orig
+    if random_start:
+        r = torch.randn(orig.shape, generator=generator, device=generator.device if generator else orig.device)
+        r = r.to(orig)
+        x = (orig + eps * r / (r.flatten(1).norm(dim=1).view(-1, *[1] * (orig.dim() - 1)) + 1e-10)).clamp(0.0, 1.0)
+    best_loss = best_x = None
+
+    def keep_best(losses, x):
+        nonlocal best_loss, best_x
+        if best_loss is None:
+            best_loss, best_x = losses.detach().clone(), x.detach().clone()
+        else:
+            better = losses < best_loss
+            best_x[better], best_loss[better] = x[better].detach(), losses[better].detach()
+
+    with model_mode(model, "eval"), torch.enable_grad():
+        for _ in range(iterations):
+            x = x.clone().detach().requires_grad_(True)
+            losses = losses_at(x)
+            (grad,) = torch.autograd.grad(-losses.mean(), [x])
+            with torch.no_grad():
+                keep_best(losses, x)
+                norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+                x = x + grad / (norm + 1e-10) * step_size
+                x = (orig + (x - orig).renorm(p=2, dim=0, maxnorm=eps)).clamp(0.0, 1.0)
+        with torch.no_grad():
+            keep_best(losses_at(x), x)
+    return best_x
+
+
 def targeted_pgd_samples(
     model: nn.Module,
     labels: Tensor,
@@ -120,17 +168,21 @@ def targeted_pgd_samples(
     generator: torch.Generator | None = None,
     **init_kwargs,
 ) -> tuple[Tensor, Tensor]:
-    """Santurkar et al.: seeds x0 ~ init (class Gaussian), then PGD that *minimises* CE(f(x), y) for target y.
+    """Santurkar et al.: seeds x0 ~ init (class Gaussian, clamped), then `robustness_targeted_l2` towards class y.
 
+    `attack` carries eps, step, steps and random_start ('none' or 'normal', robustness's L2 random start);
     `init_kwargs` go to `sampling.initialise`, as in `langevin_samples`.
     """
-    if not attack.targeted:
-        raise ValueError("a targeted_pgd generator needs attack.targeted: true (it descends CE towards the class)")
+    if not attack.targeted or attack.norm != "l2" or attack.objective != "ce" or attack.random_start == "uniform":
+        raise ValueError("a targeted_pgd generator is robustness's targeted L2 PGD on CE: set attack.norm 'l2', "
+                         "objective 'ce', targeted true, random_start 'none' or 'normal'")
     images = []
     for y in _chunks(labels, batch_size, "targeted pgd"):
         x0 = initialise(init, len(y), shape=shape, labels=y, generator=generator, device=device, **init_kwargs)
         yd = y.to(device)
-        images.append(perturb(model, x0, yd, attack, target=yd, generator=generator).cpu())
+        images.append(robustness_targeted_l2(model, x0, yd, eps=attack.eps, step_size=attack.step,
+                                             iterations=attack.steps, random_start=attack.random_start == "normal",
+                                             generator=generator).cpu())
     return torch.cat(images), labels.clone()
 
 

@@ -115,7 +115,7 @@ def save_fixture(name: str, *, source: dict | list[dict], inputs: dict, outputs:
     payload = {
         "source": source if isinstance(source, list) else [source],
         "generated": _dt.date.today().isoformat(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),   # TorchVersion is not loadable with weights_only=True
         "note": note,
         "inputs": inputs,
         "outputs": outputs,

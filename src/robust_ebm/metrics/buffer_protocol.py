@@ -1,0 +1,41 @@
+"""The JEM-family papers' own IS/FID protocol: score the most confident part of the replay buffer.
+
+JEM++, SADA-JEM and EB-JDAT do not score their whole buffer. `Task/eval_buffer.py::cond_is_fid`
+(SADA-JEM, EB-JDAT; JEM++'s eval_jempp.py::cond_fid is the same rule) classifies every buffer image,
+groups the images by **predicted** class, and keeps in each group the `ratio` most confident ones
+(max softmax probability), `int(len(group) * ratio)` of them for ratio < 1 and `int(ratio)` for
+ratio >= 1 (a count: JEM++'s README passes 10000, "ratio >= buffer size, use all images"):
+
+    SADA-JEM eval_sadajem.py:549-550   IS on ratio 0.1, FID on ratio 0.9 (TF Inception, vs CIFAR-10 train+test)
+    EB-JDAT eval_sadajem.py:473-474    the same calls; but its eval_is_fid computes nothing for eval='is', and the
+                                       IS it prints comes from the ratio-0.9 call (torchmetrics, uint8 input)
+    EB-JDAT eval_jem.py:548            FID (and the printed IS) on ratio 0.9
+    JEM++ eval_jempp.py:589 + README   FID on ratio 10000 = every image
+
+`top_confident` returns the buffer rows in the reference's order (class 0's rows by decreasing
+confidence, then class 1's, ...); tests/test_golden_generate.py checks it against cond_is_fid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def top_confident(logits: Tensor, ratio: float, num_classes: int) -> Tensor:
+    """Rows of the images cond_is_fid scores: per predicted class, the top `ratio` by max softmax (ratio >= 1: a count)."""
+    if ratio <= 0:
+        raise ValueError(f"ratio must be > 0 (a fraction below 1, or a count per class), got {ratio}")
+    predicted = logits.argmax(1)
+    confidence = torch.softmax(logits, dim=1).max(1).values
+    chosen = []
+    for c in range(num_classes):
+        rows = (predicted == c).nonzero().squeeze(1)
+        k = min(int(len(rows) * ratio) if ratio < 1 else int(ratio), len(rows))
+        chosen.append(rows[torch.topk(confidence[rows], k).indices])
+    return torch.cat(chosen)
+
+
+def label(ratio: float) -> str:
+    """Key suffix of a ratio: 'top10pct' for 0.1, 'top7' for a count of 7 per class."""
+    return f"top{round(ratio * 100):d}pct" if ratio < 1 else f"top{int(ratio)}"
