@@ -7,10 +7,12 @@ Each generator in params (`generation.generators`) is one of three kinds
                   config selects the paper's form
                     JEAT Eq.17  energy joint, coupled   x' = x - (η/2)∇E(x,y) + √η ε,  init gaussian N(μ_y, Σ_y)
                     JEAT Eq.16  energy ce,    coupled   x' = x - (η/2)∇[E(x,y) - E(x)] + √η ε
-                    WEAT        energy joint, momentum ζ: v' = ζv - (η/2)∇E(x,y), x' = x + v' + noise, init pca
+                    WEAT        energy joint, momentum ζ: v' = ζv - (η/2)∇E(x,y), x' = x + clamp(v' + noise, ±1),
+                                init pca (WEAT's class PCA, sampling.init_pca); eval.py's ζ is 0
                     JEM         energy marginal (unconditional), init uniform
-    targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then targeted
-                  L2 PGD minimising CE of the class (recalled settings ε 30, step 0.5, 60 steps [R])
+    targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then robustness's
+                  targeted L2 PGD on CE keeping each image's best (lowest-CE) iterate, `robustness_targeted_l2`
+                  (recalled settings ε 30, step 0.5, 60 steps [R])
     buffer        `buffer_samples`: the JEM-family replay buffer saved beside the checkpoint
 
 Inits (`sampling.initialise`, inputs from `init_inputs`): uniform, gaussian (class Gaussian),
@@ -19,8 +21,9 @@ image of the class + N(0, noise_std^2), clamped; the only init that reads the te
 
 Conditional generators label each image with its class; unconditional ones
 (energy marginal, and buffers saved without labels) with the model's
-prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W),
-labels int64), `<name>_grid.png` (one row per class) and `generate.json`.
+prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W), labels int64; buffers also
+`logits` float32 (N,K) of the float images, for the papers' top-confident IS/FID protocol),
+`<name>_grid.png` (one row per class) and `generate.json`.
 """
 
 from __future__ import annotations
@@ -220,9 +223,16 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return images.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+@torch.no_grad()
+def sample_logits(model: nn.Module, images: Tensor, *, batch_size: int = 100, device=torch.device("cpu")) -> Tensor:
+    """f(x) of float [0,1] images (CPU float32): what the JEM-family papers' buffer protocol ranks by
+    (metrics.buffer_protocol), taken here on the float buffer as their cond_is_fid does, before uint8 storage."""
+    return torch.cat([model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, images=images, labels=labels.astype(np.int64))
+    np.savez(buffer, images=images, labels=labels.astype(np.int64), **extra)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -300,11 +310,14 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
             images, ys = langevin_samples(model, labels, spec.sampler, spec.init, **common)
         elif spec.kind == "targeted_pgd":
             images, ys = targeted_pgd_samples(model, labels, spec.attack, spec.init, **common)
-        else:
+        extra = {}
+        if spec.kind == "buffer":
             images, ys = buffer_samples(model, buffer_path, batch_size=gen_cfg.batch_size, device=device)
             record["buffer_path"] = str(buffer_path)
+            with model_mode(model, "eval"):
+                extra["logits"] = sample_logits(model, images, batch_size=gen_cfg.batch_size, device=device).numpy()
         as_uint8, ys = to_uint8(images), ys.numpy()
-        save_npz(npz, as_uint8, ys)
+        save_npz(npz, as_uint8, ys, **extra)
         save_grid(grid, as_uint8, ys, num_classes)
         record.update(status="ok", count=len(ys), seconds=round(time.time() - t0, 3),
                       class_counts=np.bincount(ys, minlength=num_classes).tolist())

@@ -36,6 +36,29 @@ def top_confident(logits: Tensor, ratio: float, num_classes: int) -> Tensor:
     return torch.cat(chosen)
 
 
-def label(ratio: float) -> str:
-    """Key suffix of a ratio: 'top10pct' for 0.1, 'top7' for a count of 7 per class."""
-    return f"top{round(ratio * 100):d}pct" if ratio < 1 else f"top{int(ratio)}"
+def top_confident_metrics(images: Tensor, logits: Tensor, cfg, reference, *, net, batch_size: int = 64) -> dict:
+    """IS for each of cfg.is_ratios and FID for each of cfg.fid_ratios on the top-confident rows of a buffer.
+
+    images uint8 (N,C,H,W); logits (N,K) of the float buffer; reference the Inception ReferenceStats of
+    cfg.reference. Keys: is_<label>, is_std_<label>, fid_<label>, n_<label> (TopConfidentConfig.label: 'top10pct').
+    """
+    from .frechet import frechet_distance_to_stats, inception_score_from_probs
+    from .inception import inception_outputs
+
+    if len(logits) != len(images):
+        raise ValueError(f"{len(logits)} logits for {len(images)} images; rerun the generate stage")
+    num_classes = logits.shape[1]
+    feats, probs = inception_outputs(net, images, batch_size=batch_size, desc="inception (buffer)")
+    out = {"protocol": (f"JEM++/SADA-JEM/EB-JDAT cond_is_fid: per predicted class the top ratio by max softmax of "
+                        f"the model (ratio >= 1: a count); IS ratios {cfg.is_ratios} ({cfg.splits} splits), FID ratios "
+                        f"{cfg.fid_ratios} vs {cfg.reference} (n_ref {reference.n}); torch-fidelity Inception, uint8 input"),
+           "reference_set": cfg.reference}
+    for ratio in cfg.is_ratios:
+        idx = top_confident(logits, ratio, num_classes)
+        is_mean, is_std = inception_score_from_probs(probs[idx], min(cfg.splits, len(idx)))
+        out |= {f"is_{cfg.label(ratio)}": is_mean, f"is_std_{cfg.label(ratio)}": is_std, f"n_{cfg.label(ratio)}": len(idx)}
+    for ratio in cfg.fid_ratios:
+        idx = top_confident(logits, ratio, num_classes)
+        out |= {f"fid_{cfg.label(ratio)}": frechet_distance_to_stats(feats[idx], reference.mu, reference.sigma),
+                f"n_{cfg.label(ratio)}": len(idx)}
+    return out
