@@ -5,6 +5,7 @@
   santurkar_l2    generate.robustness_targeted_l2 vs robustness Attacker (targeted L2, use_best)
   jeat_eq16/17    sampling.sgld (coupled) vs the paper's formulas written independently
   buffer top      metrics.buffer_protocol.top_confident vs EB-JDAT / SADA-JEM cond_is_fid
+  weat_cw         histogram_attacks.cw_l2 vs torchattacks 3.5.1 CW (WEAT Fig.2's CW panel)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from golden.common import assert_close, load_fixture
 from golden.gen_generate import SHAPE, draws, tiny_net
 from robust_ebm.data import class_stats, weat_pca_rank, weat_pca_singular_values
 from robust_ebm.generate import robustness_targeted_l2
+from robust_ebm.histogram_attacks import cw_l2
 from robust_ebm.metrics.buffer_protocol import top_confident
 from robust_ebm.sampling import SamplerConfig, init_pca, sgld, weat_pca_draw
 
@@ -118,3 +120,13 @@ def test_buffer_top_confident_selection_matches_cond_is_fid(f64):
         for ratio in fx["inputs"]["ratios"]:
             ours = top_confident(logits, ratio, fx["inputs"]["num_classes"])
             assert torch.equal(ours, chosen[str(ratio)]), f"{repo} ratio {ratio}: other rows or order than cond_is_fid"
+
+
+def test_cw_l2_is_torchattacks_cw_as_weat_calls_it(f64):
+    fx = load_fixture("gen_weat_cw")
+    net = tiny_net(fx["inputs"]["net"])
+    x, y = fx["inputs"]["x"], fx["inputs"]["y"]
+    for case in fx["inputs"]["cases"]:
+        ours = cw_l2(net, x, y, c=1.0, kappa=0.0, steps=case["steps"], lr=case["lr"])
+        assert_close(ours, fx["outputs"][case["name"]], what=f"cw_l2 ({case['name']}) images")
+    assert (fx["outputs"]["stronger"] - x).abs().max() > 1e-3   # the fixture breaks some points

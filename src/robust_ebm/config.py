@@ -55,7 +55,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from .attacks import AttackConfig
-from .histogram_attacks import NAMES as HISTOGRAM_ATTACK_NAMES, HistogramAttacksConfig
+from .histogram_attacks import WEAT_FIG2 as HISTOGRAM_WEAT_FIG2, HistogramAttacksConfig
 from .models import ModelConfig
 from .sampling import NOISY_DATA_STD, SamplerConfig
 from .schema_types import Fraction, Strict
@@ -368,7 +368,7 @@ class LandscapeConfig(Strict):
 
 
 # WEAT Fig.2's panels in its order: PGD (evaluate's pgd column), then evaluation.histogram_attacks
-WEAT_FIG2_ATTACKS = ("pgd", *HISTOGRAM_ATTACK_NAMES)
+WEAT_FIG2_ATTACKS = ("pgd", *HISTOGRAM_WEAT_FIG2)
 
 
 class HistogramsConfig(Strict):

@@ -12,6 +12,7 @@ Fixtures (float64, a tiny network shared by both sides, noise injected into the 
   gen_santurkar_l2   robustness attacker.Attacker (constraint '2', targeted, use_best), randn_like injected
   gen_jeat_eq         JEAT Eq.16 / Eq.17 written here from the paper (source "paper"), noise from a seeded generator
   gen_buffer_top     EB-JDAT-SADAJEM and SADA-JEM Task/eval_buffer.py cond_is_fid: the images it scores
+  gen_weat_cw        torchattacks 3.5.1 CW (WEAT Fig.2's CW panel; the wheel on PYTHONPATH, WEAT's pin)
 
 Our samplers draw their noise from a `torch.Generator`; the fixtures store that seed and the draws
 (the tests check that the generator still gives them), and the same draws go into the reference.
@@ -322,6 +323,37 @@ def buffer_top(refs) -> Path:
              "scores, in its order (per predicted class, the top ratio by max softmax; ratio >= 1 is a count)")
 
 
+# ----------------------------------------------------------------------------- WEAT Fig.2's CW panel (torchattacks)
+
+def weat_cw() -> Path:
+    """torchattacks 3.5.1 CW (WEAT's robustbench.yml pin) as WEAT's notebook calls it: CW(model, c=1, kappa=0,
+    steps, lr=0.01). torchattacks is no project dependency: put its wheel on PYTHONPATH to regenerate this."""
+    try:
+        import torchattacks
+    except ImportError as err:
+        raise ImportError("gen_weat_cw needs torchattacks 3.5.1 importable (pip download torchattacks==3.5.1 "
+                          "--no-deps; unzip the wheel; add it to PYTHONPATH)") from err
+    if torchattacks.__version__ != "3.5.1":
+        raise ImportError(f"gen_weat_cw needs torchattacks 3.5.1 (WEAT's pin), found {torchattacks.__version__}")
+    with float64():
+        net = tiny_net(seed=7)   # small margins: c = 1 breaks some points
+        x = saturated_images(8, 60)
+        with torch.no_grad():
+            y = net(x).argmax(1)
+        y[:2] = (y[:2] + 1) % NUM_CLASSES     # two misclassified points
+        cases, outputs = [], {}
+        for name, steps, lr in (("weat_call", 10, 0.01), ("stronger", 30, 0.05)):
+            adv = torchattacks.CW(net, c=1, kappa=0, steps=steps, lr=lr)(x.clone(), y)
+            cases.append({"name": name, "steps": steps, "lr": lr})
+            outputs[name] = adv.detach()
+        assert (outputs["stronger"] - x).abs().max() > 1e-3, "no image changed: pick other settings"
+    return save_fixture(
+        "gen_weat_cw", source={"repo": "Harry24k/adversarial-attacks-pytorch", "commit": "torchattacks 3.5.1 (PyPI wheel)",
+                               "file": "torchattacks/attacks/cw.py", "function": "CW.forward (c=1, kappa=0)"},
+        inputs={"net": net.state_dict(), "x": x, "y": y, "cases": cases}, outputs=outputs,
+        note="WEAT Fig.2's CW panel: Adam in tanh space, best misclassified iterate by L2, early stop on a cost rise")
+
+
 def generate(refs) -> list[Path]:
     return [weat_pca(refs[WEAT]), weat_momentum(refs[WEAT]), santurkar(refs["MadryLab/robustness"]), jeat_paper(),
-            buffer_top(refs)]
+            buffer_top(refs), weat_cw()]
