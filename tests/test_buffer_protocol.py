@@ -55,3 +55,13 @@ def test_metrics_are_is_and_fid_of_the_chosen_rows():
     assert got["fid_top90pct"] == pytest.approx(frechet_distance_to_stats(feats[idx], ref.mu, ref.sigma), rel=1e-6)
     with pytest.raises(ValueError, match="logits"):
         top_confident_metrics(images, logits[:10], cfg, ref, net=net)
+
+
+def test_too_few_images_for_a_ratio_are_written_down_not_scored():
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    logits = torch.randn(6, 3)
+    cfg = TopConfidentConfig(is_ratios=[0.1], fid_ratios=[1], splits=2)   # int(n_c * 0.1) = 0; one image per class
+    got = top_confident_metrics(images, logits, cfg, ReferenceStats(np.zeros(6), np.eye(6), 9, "k"), net=FakeInception())
+    assert got["n_top10pct"] == 0 and got["is_top10pct"].startswith("not computed: the top 0.1 holds 0")
+    assert isinstance(got["fid_top1"], float) == (got["n_top1"] >= 2)

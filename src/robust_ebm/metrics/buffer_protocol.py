@@ -53,12 +53,14 @@ def top_confident_metrics(images: Tensor, logits: Tensor, cfg, reference, *, net
                         f"the model (ratio >= 1: a count); IS ratios {cfg.is_ratios} ({cfg.splits} splits), FID ratios "
                         f"{cfg.fid_ratios} vs {cfg.reference} (n_ref {reference.n}); torch-fidelity Inception, uint8 input"),
            "reference_set": cfg.reference}
-    for ratio in cfg.is_ratios:
-        idx = top_confident(logits, ratio, num_classes)
-        is_mean, is_std = inception_score_from_probs(probs[idx], min(cfg.splits, len(idx)))
-        out |= {f"is_{cfg.label(ratio)}": is_mean, f"is_std_{cfg.label(ratio)}": is_std, f"n_{cfg.label(ratio)}": len(idx)}
-    for ratio in cfg.fid_ratios:
-        idx = top_confident(logits, ratio, num_classes)
-        out |= {f"fid_{cfg.label(ratio)}": frechet_distance_to_stats(feats[idx], reference.mu, reference.sigma),
-                f"n_{cfg.label(ratio)}": len(idx)}
+    for kind, ratios in (("is", cfg.is_ratios), ("fid", cfg.fid_ratios)):
+        for ratio in ratios:
+            idx, key = top_confident(logits, ratio, num_classes), cfg.label(ratio)
+            out[f"n_{key}"] = len(idx)
+            if len(idx) < 2:   # a buffer too small for this ratio (e.g. int(n_c * 0.1) = 0 in every class)
+                out[f"{kind}_{key}"] = f"not computed: the top {ratio} holds {len(idx)} image(s)"
+            elif kind == "is":
+                out[f"is_{key}"], out[f"is_std_{key}"] = inception_score_from_probs(probs[idx], min(cfg.splits, len(idx)))
+            else:
+                out[f"fid_{key}"] = frechet_distance_to_stats(feats[idx], reference.mu, reference.sigma)
     return out
