@@ -394,18 +394,6 @@ def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: in
                       scales=scales.to(dtype).cpu(), counts=counts, total_variance=total.to(dtype).cpu(), diag_eps=diag_eps)
 
 
-def n_components_for_variance(stats: ClassStats, k: int, fraction: float = 0.95) -> int:
-    """Fewest principal directions of class k that keep `fraction` of its total variance (WEAT PCA init)."""
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    explained = stats.scales[k].double().pow(2).cumsum(0) / stats.total_variance[k].double()
-    reached = (explained >= fraction - 1e-6).nonzero()
-    if len(reached) == 0:
-        raise ValueError(f"class {k}: the stored rank {stats.rank} keeps only {float(explained[-1]):.3f} of the variance, "
-                         f"less than {fraction}; raise the data set's stats_rank in params.yaml")
-    return int(reached[0]) + 1
-
-
 def weat_pca_rank(stats: ClassStats, k: int, fraction: float = 0.95) -> int:
     """WEAT's number of class-PCA components for the init: the leading directions whose cumulative share of
     class k's variance is still below `fraction`.
