@@ -69,21 +69,21 @@ def test_paper_profile_keeps_the_papers_settings(params):
 
 
 def test_histogram_attacks_per_profile(params):
-    """WEAT Fig.2's per-attack energies: full AutoAttack settings in paper/mini, reduced and tiny in smoke."""
+    """WEAT Fig.2's per-attack energies: WEAT's panels with full settings in paper/mini, reduced and tiny in smoke."""
     from robust_ebm.config import WEAT_FIG2_ATTACKS
-    from robust_ebm.histogram_attacks import NAMES, STANDARD
+    from robust_ebm.histogram_attacks import STANDARD, WEAT_FIG2
 
     paper, mini, smoke = (params.profile_config(p) for p in ("paper", "mini", "smoke"))
     for prof in (paper, mini):
         h = prof.evaluation.histogram_attacks
-        assert h.attacks == list(NAMES) and h.eps == pytest.approx(8 / 255) and h.step == pytest.approx(2 / 255)
+        assert h.attacks == list(WEAT_FIG2) and h.eps == pytest.approx(8 / 255) and h.step == pytest.approx(2 / 255)
         assert {k: getattr(h, k) for k in STANDARD} == STANDARD and h.apgd_restarts == 1
         assert prof.figures.histograms.attacks[:8] == list(WEAT_FIG2_ATTACKS)
     assert 0 < mini.evaluation.histogram_attacks.n_examples <= paper.evaluation.histogram_attacks.n_examples
     h = smoke.evaluation.histogram_attacks
-    assert h.attacks == list(NAMES) and h.n_examples <= 16
+    assert h.attacks == list(WEAT_FIG2) and h.n_examples <= 16
     assert h.apgd_iters <= 10 and h.fab_iters <= 10 and h.square_queries <= 100 and h.pgd_steps <= 2
-    assert set(smoke.figures.histograms.attacks) - {"pgd"} <= set(NAMES)
+    assert set(smoke.figures.histograms.attacks) - {"pgd"} <= set(WEAT_FIG2)
 
 
 def test_generator_method_lists_are_expanded(params):
@@ -125,10 +125,10 @@ def test_bad_literal_lists_allowed_values(raw):
 def test_unknown_histogram_attack_names_the_valid_ones(raw):
     msg = invalid(raw, lambda d: d["evaluation"]["histogram_attacks"].update(attacks=["apgd_ce", "autoattack"]))
     assert "evaluation.histogram_attacks.attacks" in msg and "unknown attack(s) ['autoattack']" in msg
-    assert "valid names: pgd_kl, apgd_ce, apgd_t, apgd_dlr, fab_t, square, cw_linf" in msg
+    assert "valid names: pgd_kl, apgd_ce, apgd_t, apgd_dlr, fab, square, cw_l2, fab_t, cw_linf" in msg
     msg = invalid(raw, lambda d: d["profiles"]["smoke"]["overrides"]["evaluation"]["histogram_attacks"].update(
-        attacks=["fab"], apgd_iters=0))
-    assert "profile 'smoke'" in msg and "unknown attack(s) ['fab']" in msg and "histogram_attacks.apgd_iters" in msg
+        attacks=["fgsm"], apgd_iters=0))
+    assert "profile 'smoke'" in msg and "unknown attack(s) ['fgsm']" in msg and "histogram_attacks.apgd_iters" in msg
 
 
 def test_unknown_method_in_profile(raw):

@@ -71,7 +71,7 @@ def test_save_figure_writes_png_and_pdf(tmp_path):
     assert paths[0].read_bytes()[:4] == b"\x89PNG" and paths[1].read_bytes()[:4] == b"%PDF"
 
 
-WEAT_FIG2 = ["pgd", "pgd_kl", "apgd_ce", "apgd_t", "apgd_dlr", "fab_t", "square", "cw_linf"]
+WEAT_FIG2 = ["pgd", "pgd_kl", "apgd_ce", "apgd_t", "apgd_dlr", "fab", "square", "cw_l2"]
 
 
 def _sets(rng, attacks, n_clean=40, n_adv=10):
@@ -87,7 +87,7 @@ def test_attack_histograms_have_one_panel_column_per_attack_and_rows_E_x_E_xy(tm
     assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(4, 4)}  # 8 attacks: 2 blocks of 4
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[0].startswith("E(x), PGD-20") and titles[4].startswith("E(x, y), PGD-20")
-    assert any("APGD-T" in t for t in titles) and any("CW-Linf" in t for t in titles)
+    assert any("APGD-T" in t for t in titles) and any("CW-L2 (unbounded)" in t for t in titles)
     # 11 attacks wrap into blocks of 6 and 5 columns: each attack's E(x) sits right above its E(x, y)
     eleven = WEAT_FIG2 + ["energy_attack", "ebjdat_scale", "autoattack"]
     fig = figures.plot_attack_histograms(_sets(np.random.default_rng(1), eleven), eleven, bins=20, range_=(-40, 20),
@@ -183,7 +183,7 @@ def test_figures_stage_draws_a_column_for_each_listed_attack_present(results, tm
     with np.load(npz) as f:
         data = dict(f)
     rng = np.random.default_rng(1)
-    for name in ("apgd_t", "cw_linf"):  # on the first 4 of the 6 evaluated images
+    for name in ("apgd_t", "cw_l2"):  # on the first 4 of the 6 evaluated images
         data |= {f"{name}_marginal": rng.normal(-7, 1, 4), f"{name}_joint": rng.normal(3, 1, 4),
                  f"{name}_correct": np.zeros(4, dtype=bool)}
     np.savez(npz, **data)
@@ -199,4 +199,4 @@ def test_figures_stage_draws_a_column_for_each_listed_attack_present(results, tm
         monkeypatch.setattr(figures, other, lambda *a, **k: None)
     profile.figures = profile.figures.model_copy(update={"formats": ["png"]})
     figures.figures_stage(profile, r, tmp_path / "figs")
-    assert drawn == {"standard": (["pgd", "apgd_t", "cw_linf"], 6), "jeat": (["pgd"], 2)}
+    assert drawn == {"standard": (["pgd", "apgd_t", "cw_l2"], 6), "jeat": (["pgd"], 2)}

@@ -14,7 +14,7 @@ from robust_ebm.config import GenerationConfig, GeneratorSpec
 from robust_ebm.data import Splits, TensorSplit, class_stats
 from robust_ebm.energy import joint_energy
 from robust_ebm.generate import class_labels, generate_stage, init_inputs, langevin_samples, targeted_pgd_samples
-from robust_ebm.models import ModelConfig, build_model, save_classifier
+from robust_ebm.models import ModelConfig, build_model, load_classifier, save_classifier
 from robust_ebm.runtime import atomic_torch_save
 from robust_ebm.sampling import SamplerConfig, initialise
 
@@ -156,6 +156,10 @@ def test_each_generator_writes_images_in_range_with_labels_and_count(stage):
         assert (out / f"{name}_grid.png").stat().st_size > 0
     np.testing.assert_array_equal(np.load(out / "jem_buffer.npz")["images"],
                                   (buffer_images * 255).round().to(torch.uint8).numpy())
+    model = load_classifier(model_dir / "model.pt")[0].eval()
+    with torch.no_grad():  # buffers keep f(x) of their float images: the papers' top-confident IS/FID ranks by it
+        np.testing.assert_allclose(np.load(out / "jem_buffer.npz")["logits"], model(buffer_images).numpy(), atol=1e-5)
+    assert "logits" not in np.load(out / "jeat_eq17.npz").files
     records = json.loads((out / "generate.json").read_text())["generators"]
     assert records["jeat_eq17"]["sampler"]["coupled"] is True
     assert records["weat_noisy"]["noise_std"] == pytest.approx(8 / 255) and records["jeat_eq17"]["noise_std"] is None

@@ -353,3 +353,26 @@ def test_stage_fails_early_on_missing_inputs(run_files):
         call_stage(run, d)
     with pytest.raises(ValueError, match=".json"):
         metrics_stage(run, d, d / "model.pt", d / "samples", None, None, d / "m.txt")
+
+
+def test_stage_scores_replay_buffers_with_the_papers_top_confident_protocol(run_files, offline, fake_weights):
+    run, d = run_files
+    run.paths = PathsConfig(results=str(d / "results"), inception_weights=str(fake_weights))
+    g = torch.Generator().manual_seed(5)
+    logits = torch.eye(3).repeat(20, 1) * 3 + torch.randn(60, 3, generator=g) * 0.1   # 20 predicted per class
+    np.savez(d / "samples" / "buffer.npz", images=torch.randint(0, 256, (60, 1, 8, 8), dtype=torch.uint8, generator=g).numpy(),
+             labels=logits.argmax(1).numpy().astype(np.int64), logits=logits.numpy())
+    index = json.loads((d / "samples" / "generate.json").read_text())
+    index["generators"]["buffer"] = {"kind": "buffer", "files": {"npz": "buffer.npz"}, "count": 60, "status": "ok"}
+    (d / "samples" / "generate.json").write_text(json.dumps(index))
+    result = call_stage(run, d)
+    top = result["generators"]["buffer"]["top_confident"]
+    from robust_ebm.metrics.buffer_protocol import top_confident
+    assert top["n_top10pct"] == len(top_confident(logits, 0.1, 3)) and top["n_top90pct"] == len(top_confident(logits, 0.9, 3))
+    assert top["n_top10pct"] == 6 and top["n_top90pct"] == 54 and top["reference_set"] == "train+test"
+    assert all(isinstance(top[k], float) for k in ("is_top10pct", "is_std_top10pct", "fid_top90pct"))
+    assert "top_confident" not in result["generators"]["sgld"]   # only replay buffers are ranked
+    index["generators"]["buffer"]["files"]["npz"] = "sgld.npz"   # an npz without logits: a clear error
+    (d / "samples" / "generate.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="no logits"):
+        call_stage(run, d)

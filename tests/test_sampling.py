@@ -226,13 +226,16 @@ def test_init_gaussian_matches_class_mean_and_covariance():
     torch.testing.assert_close(torch.cov(x.T), cov, atol=5e-4, rtol=0)
 
 
-def test_init_pca_keeps_the_components_for_the_variance_fraction():
-    # variances 0.0064, 0.0016, tiny...: 80 % in the first, 99.8 % in the first two -> 2 components for 95 %.
-    stats = _stats([0.08, 0.04, 0.004, 0.001, 0.0005, 0.0001])
-    x = init_pca(stats, torch.zeros(4000, dtype=torch.long), fraction=0.95, sigma=0.0, generator=_gen())
+def test_init_pca_is_weats_formula_with_the_components_weat_keeps():
+    # variances 0.0064, 0.0016, tiny...: 80 % in the first, 99.8 % in the first two. WEAT keeps the leading
+    # components whose cumulative share is still below the fraction: 1 for 95 %, none for eval.py's 0.0095.
+    stats = _stats([0.08, 0.04, 0.004, 0.001, 0.0005, 0.0001])  # 10 images per class: lambda_i = 3 * scale_i
+    x = init_pca(stats, torch.zeros(4000, dtype=torch.long), fraction=0.95, sigma=0.1, generator=_gen())
     coeff = (x.flatten(1) - stats.mean[0].flatten()) @ stats.basis[0]
-    assert coeff[:, 1].std() == pytest.approx(0.04, rel=0.1)
-    torch.testing.assert_close(coeff[:, 2:], torch.zeros_like(coeff[:, 2:]), atol=1e-5, rtol=0)
+    assert coeff[:, 0].std() == pytest.approx(0.1 * 3 * 0.08, rel=0.1)   # sigma_pca * singular value
+    torch.testing.assert_close(coeff[:, 1:], torch.zeros_like(coeff[:, 1:]), atol=1e-5, rtol=0)  # no added noise
+    mean_only = init_pca(stats, torch.ones(3, dtype=torch.long), fraction=0.0095, generator=_gen())
+    torch.testing.assert_close(mean_only, stats.mean[1].expand(3, -1, -1, -1).clamp(0, 1))
 
 
 def test_inits_are_images_in_unit_range_and_check_their_inputs():

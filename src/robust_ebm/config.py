@@ -54,7 +54,7 @@ import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .attacks import AttackConfig
-from .histogram_attacks import NAMES as HISTOGRAM_ATTACK_NAMES, HistogramAttacksConfig
+from .histogram_attacks import WEAT_FIG2 as HISTOGRAM_WEAT_FIG2, HistogramAttacksConfig
 from .models import ModelConfig
 from .sampling import NOISY_DATA_STD, SamplerConfig
 from .schema_types import Fraction, Strict
@@ -300,8 +300,11 @@ class GeneratorSpec(Strict):
     sampler: SamplerConfig | None = None
     attack: AttackConfig | None = None
     init: Literal["uniform", "gaussian", "pca", "buffer", "data", "noisy_data"] = "gaussian"
-    pca_fraction: float = Field(0.95, gt=0.0, le=1.0, description="init 'pca': variance kept (WEAT 95%)")
-    pca_sigma: float = Field(0.005, ge=0.0, description="init 'pca': pixel noise added (WEAT sigma_pca)")
+    pca_fraction: float = Field(0.95, gt=0.0, le=1.0, description="init 'pca': WEAT's retained_variance as sample_x0_pca "
+                                "gets it (keeps the leading components whose cumulative share stays below it; "
+                                "eval.py's own default 0.95/100 = 0.0095 keeps none: x0 = the class mean)")
+    pca_sigma: float = Field(0.005, ge=0.0, description="init 'pca': WEAT sigma_pca, the scale of the coefficients "
+                             "lambda_i * z_i (lambda_i sklearn's singular values); no pixel noise is added")
     noise_std: Fraction = Field(NOISY_DATA_STD, ge=0.0, description="init 'noisy_data': std of the pixel noise added "
                                 "to a test image of the class, then clamped to [0,1] (WEAT: 50 * 8/255)")
     methods: Literal["all"] | list[str] = "all"
@@ -340,6 +343,31 @@ class InceptionConfig(Strict):
     reference: Literal["train", "test", "train+test"] = "train"
 
 
+class TopConfidentConfig(Strict):
+    """The JEM-family papers' own IS/FID on a replay buffer (metrics/buffer_protocol.py): per predicted class,
+    the most confident `ratio` of the images (ratio >= 1: a count per class). Defaults: SADA-JEM's
+    eval_sadajem.py (IS on 0.1, FID on 0.9, real set CIFAR-10 train+test); EB-JDAT's code prints an IS of the
+    0.9 set (add 0.9 to is_ratios); JEM++'s README scores everything (ratio 10000)."""
+
+    enabled: bool = True
+    is_ratios: list[float] = Field(default_factory=lambda: [0.1], min_length=1)
+    fid_ratios: list[float] = Field(default_factory=lambda: [0.9], min_length=1)
+    reference: Literal["train", "test", "train+test"] = "train+test"
+    splits: int = Field(10, ge=1, description="IS splits (torchmetrics' default, as EB-JDAT; SADA-JEM's TF code: N // 5000)")
+
+    @staticmethod
+    def label(ratio: float) -> str:
+        """Key suffix of a ratio: 'top10pct' for 0.1, 'top7' for a count of 7 per class."""
+        return f"top{round(ratio * 100):d}pct" if ratio < 1 else f"top{int(ratio)}"
+
+    @field_validator("is_ratios", "fid_ratios")
+    @classmethod
+    def _positive(cls, ratios):
+        if any(r <= 0 for r in ratios):
+            raise ValueError(f"ratios must be > 0 (a fraction below 1 or a count per class), got {ratios}")
+        return ratios
+
+
 class RefClfConfig(Strict):
     enabled: bool = True
     method: str = Field("standard", description="method whose model is the stand-in feature network")
@@ -356,6 +384,7 @@ class EnergyStatsConfig(Strict):
 
 class MetricsConfig(Strict):
     inception: InceptionConfig = Field(default_factory=InceptionConfig)
+    top_confident: TopConfidentConfig = Field(default_factory=TopConfidentConfig)
     refclf: RefClfConfig = Field(default_factory=RefClfConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
     energy: EnergyStatsConfig = Field(default_factory=EnergyStatsConfig)
@@ -369,7 +398,7 @@ class LandscapeConfig(Strict):
 
 
 # WEAT Fig.2's panels in its order: PGD (evaluate's pgd column), then evaluation.histogram_attacks
-WEAT_FIG2_ATTACKS = ("pgd", *HISTOGRAM_ATTACK_NAMES)
+WEAT_FIG2_ATTACKS = ("pgd", *HISTOGRAM_WEAT_FIG2)
 
 
 class HistogramsConfig(Strict):

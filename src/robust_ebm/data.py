@@ -20,6 +20,7 @@ never used for selection. `prepare_stage` is the `data` stage of the workflow.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -449,8 +450,9 @@ class ClassStats:
 
 
 def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: int,
-                diag_eps: float = INFORMATIVE_DIAG_EPS, device: str | torch.device = "cpu") -> ClassStats:
-    """Mean and top principal directions of each class (float64 eigendecomposition on `device`, stored float32),
+                diag_eps: float = INFORMATIVE_DIAG_EPS, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> ClassStats:
+    """Mean and top principal directions of each class (float64 eigendecomposition on `device`, stored as `dtype`),
     with `images01` attached (ClassStats.gaussian).
 
     Rank r = min(D, max_k n_k - 1, max_rank); the unbiased covariance (n_k - 1) is used. A class with
@@ -486,21 +488,34 @@ def class_stats(images01: Tensor, labels: Tensor, num_classes: int, max_rank: in
             values, vectors = torch.linalg.eigh(centred.T @ centred)
             values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         basis[k, :, :rk], scales[k, :rk] = vectors[:, :rk], values[:rk].sqrt()
-    return ClassStats(mean=mean.float().cpu().reshape(num_classes, *shape), basis=basis.float().cpu(),
-                      scales=scales.float().cpu(), counts=counts, total_variance=total.float().cpu(), diag_eps=diag_eps,
+    return ClassStats(mean=mean.to(dtype).cpu().reshape(num_classes, *shape), basis=basis.to(dtype).cpu(),
+                      scales=scales.to(dtype).cpu(), counts=counts, total_variance=total.to(dtype).cpu(), diag_eps=diag_eps,
                       images=images01, labels=labels)
 
 
-def n_components_for_variance(stats: ClassStats, k: int, fraction: float = 0.95) -> int:
-    """Fewest principal directions of class k that keep `fraction` of its total variance (WEAT PCA init)."""
+def weat_pca_rank(stats: ClassStats, k: int, fraction: float = 0.95) -> int:
+    """WEAT's number of class-PCA components for the init: the leading directions whose cumulative share of
+    class k's variance is still below `fraction`.
+
+    WEAT image_generation/utils_func.py (sample_x0_pca) fits sklearn PCA(n_components=None) and keeps
+    components_[:argmin(cumsum(explained_variance_) / sum < retained_variance)]: one component fewer than
+    reach the fraction (sklearn's own PCA(n_components=fraction) would keep that one too), and none at all
+    when the first component alone reaches it (eval.py's retain_variance / 100 = 0.0095: x0 is the class mean).
+    """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    explained = stats.scales[k].double().pow(2).cumsum(0) / stats.total_variance[k].double()
-    reached = (explained >= fraction - 1e-6).nonzero()
-    if len(reached) == 0:
-        raise ValueError(f"class {k}: the stored rank {stats.rank} keeps only {float(explained[-1]):.3f} of the variance, "
+    share = stats.scales[k].double().pow(2).cumsum(0) / stats.total_variance[k].double()
+    below = int((share < fraction).sum())
+    full_rank = min(stats.basis.shape[1], int(stats.counts[k]) - 1)
+    if below == stats.rank and stats.rank < full_rank:
+        raise ValueError(f"class {k}: the stored rank {stats.rank} keeps only {float(share[-1]):.3f} of the variance, "
                          f"less than {fraction}; raise the data set's stats_rank in params.yaml")
-    return int(reached[0]) + 1
+    return below
+
+
+def weat_pca_singular_values(stats: ClassStats, k: int, rank: int) -> Tensor:
+    """sklearn's PCA singular_values_ of class k: sqrt((n_k - 1) * variance along each direction)."""
+    return stats.scales[k, :rank] * math.sqrt(max(int(stats.counts[k]) - 1, 0))
 
 
 # --------------------------------------------------------------------------- the data stage

@@ -27,9 +27,11 @@ test images, L∞ ε 8/255 (`histogram_attacks.py`):
     apgd_ce   APGD on CE                                      pyautoattack APGDAttack
     apgd_t    APGD on the targeted DLR loss, 9 targets        pyautoattack APGDAttack_targeted
     apgd_dlr  APGD on DLR                                     pyautoattack APGDAttack
-    fab_t     targeted FAB, 9 targets                         pyautoattack FABAttack_PT
-    square    Square, 5000 queries                            pyautoattack SquareAttack
-    cw_linf   PGD-20 on the CW margin max_{j≠y} f_j - f_y     attacks.perturb (not ART's CarliniLInfMethod)
+    fab       untargeted FAB (WEAT's notebook)                pyautoattack FABAttack_PT
+    square    Square, 1000 queries (WEAT's notebook)          pyautoattack SquareAttack
+    cw_l2     CW-L2, c 1, Adam lr 0.01, NO eps budget          histogram_attacks.cw_l2 (torchattacks 3.5.1's CW)
+    fab_t     targeted FAB, 9 targets (extra, not WEAT's)     pyautoattack FABAttack_PT
+    cw_linf   PGD-20 on the CW margin (extra, not WEAT's)     attacks.perturb
 
 These are per-component DIAGNOSTICS, not a headline number (the ensemble is the
 `autoattack` column), so they sit under "histogram_attacks" in the JSON, not in
@@ -392,5 +394,6 @@ def _histogram_entry(name, model, x, y, clean_correct, cfg, num_classes, batch_s
             "objective": comp.objective, "protocol": comp.protocol,
             "clean_accuracy": float(clean_correct.float().mean()) if len(y) else float("nan"),
             "fraction_perturbed": float((res["linf"] > 0).float().mean()) if len(y) else float("nan"),
-            "max_perturbation_linf": _check_linf(name, cfg.eps, res["linf"]),
+            "max_perturbation_linf": (_check_linf(name, cfg.eps, res["linf"]) if comp.bounded
+                                      else float(res["linf"].max()) if len(y) else 0.0),
             "seconds": round(time.time() - t0, 3)}

@@ -7,10 +7,12 @@ Each generator in params (`generation.generators`) is one of three kinds
                   config selects the paper's form
                     JEAT Eq.17  energy joint, coupled   x' = x - (η/2)∇E(x,y) + √η ε,  init gaussian N(μ_y, Σ_y)
                     JEAT Eq.16  energy ce,    coupled   x' = x - (η/2)∇[E(x,y) - E(x)] + √η ε
-                    WEAT        energy joint, momentum ζ: v' = ζv - (η/2)∇E(x,y), x' = x + v' + noise, init pca
+                    WEAT        energy joint, momentum ζ: v' = ζv - (η/2)∇E(x,y), x' = x + clamp(v' + noise, ±1),
+                                init pca (WEAT's class PCA, sampling.init_pca); eval.py's ζ is 0
                     JEM         energy marginal (unconditional), init uniform
-    targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then targeted
-                  L2 PGD minimising CE of the class (recalled settings ε 30, step 0.5, 60 steps [R])
+    targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then robustness's
+                  targeted L2 PGD on CE keeping each image's best (lowest-CE) iterate, `robustness_targeted_l2`
+                  (recalled settings ε 30, step 0.5, 60 steps [R])
     buffer        `buffer_samples`: the JEM-family replay buffer saved beside the checkpoint
 
 Inits (`sampling.initialise`, inputs from `init_inputs`): uniform, gaussian (class Gaussian),
@@ -19,8 +21,9 @@ image of the class + N(0, noise_std^2), clamped; the only init that reads the te
 
 Conditional generators label each image with its class; unconditional ones
 (energy marginal, and buffers saved without labels) with the model's
-prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W),
-labels int64), `<name>_grid.png` (one row per class) and `generate.json`.
+prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W), labels int64; buffers also
+`logits` float32 (N,K) of the float images, for the papers' top-confident IS/FID protocol),
+`<name>_grid.png` (one row per class) and `generate.json`.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from .attacks import AttackConfig, perturb
+from .attacks import AttackConfig
 from .data import load_prepared
 from .files import BadFileError, load_torch
 from .models import load_for_run
-from .runtime import atomic_write_bytes, atomic_write_json, pick_device
+from .runtime import atomic_write_bytes, atomic_write_json, model_mode, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 
 BUFFER_FILE = "replay_buffer.pt"
@@ -109,6 +113,53 @@ def langevin_samples(
     return torch.cat(images), torch.cat(out_labels)
 
 
+def robustness_targeted_l2(model: nn.Module, x0: Tensor, target: Tensor, *, eps: float, step_size: float,
+                           iterations: int, random_start: bool = False,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """Targeted L2 PGD on CE as MadryLab/robustness runs it (attacker.Attacker.forward, constraint '2',
+    targeted=True, use_best=True, the defaults of Santurkar et al.'s generation):
+
+        random start (optional): x = clamp(x0 + eps * r / (||r|| + 1e-10), 0, 1), r ~ N(0, I)
+        each iteration, with l = CE(f(clamp(x, 0, 1)), target) per example:
+            keep x as the best iterate of its example if l is strictly below the best so far
+            g = grad_x( -mean(l) ),  x = x + step_size * g / (||g||_2 + 1e-10)           (attack_steps.L2Step.step)
+            x = clamp(x0 + renorm_2(x - x0, maxnorm=eps), 0, 1)                           (L2Step.project)
+        after the loop the last iterate competes too; returns the best iterate (lowest CE) of each example.
+    """
+    def losses_at(x):
+        return F.cross_entropy(model(x.clamp(0.0, 1.0)), target, reduction="none")
+
+    orig = x0.detach()
+    x = orig
+    if random_start:
+        r = torch.randn(orig.shape, generator=generator, device=generator.device if generator else orig.device)
+        r = r.to(orig)
+        x = (orig + eps * r / (r.flatten(1).norm(dim=1).view(-1, *[1] * (orig.dim() - 1)) + 1e-10)).clamp(0.0, 1.0)
+    best_loss = best_x = None
+
+    def keep_best(losses, x):
+        nonlocal best_loss, best_x
+        if best_loss is None:
+            best_loss, best_x = losses.detach().clone(), x.detach().clone()
+        else:
+            better = losses < best_loss
+            best_x[better], best_loss[better] = x[better].detach(), losses[better].detach()
+
+    with model_mode(model, "eval"), torch.enable_grad():
+        for _ in range(iterations):
+            x = x.clone().detach().requires_grad_(True)
+            losses = losses_at(x)
+            (grad,) = torch.autograd.grad(-losses.mean(), [x])
+            with torch.no_grad():
+                keep_best(losses, x)
+                norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+                x = x + grad / (norm + 1e-10) * step_size
+                x = (orig + (x - orig).renorm(p=2, dim=0, maxnorm=eps)).clamp(0.0, 1.0)
+        with torch.no_grad():
+            keep_best(losses_at(x), x)
+    return best_x
+
+
 def targeted_pgd_samples(
     model: nn.Module,
     labels: Tensor,
@@ -121,17 +172,21 @@ def targeted_pgd_samples(
     generator: torch.Generator | None = None,
     **init_kwargs,
 ) -> tuple[Tensor, Tensor]:
-    """Santurkar et al.: seeds x0 ~ init (class Gaussian), then PGD that *minimises* CE(f(x), y) for target y.
+    """Santurkar et al.: seeds x0 ~ init (class Gaussian, clamped), then `robustness_targeted_l2` towards class y.
 
+    `attack` carries eps, step, steps and random_start ('none' or 'normal', robustness's L2 random start);
     `init_kwargs` go to `sampling.initialise`, as in `langevin_samples`.
     """
-    if not attack.targeted:
-        raise ValueError("a targeted_pgd generator needs attack.targeted: true (it descends CE towards the class)")
+    if not attack.targeted or attack.norm != "l2" or attack.objective != "ce" or attack.random_start == "uniform":
+        raise ValueError("a targeted_pgd generator is robustness's targeted L2 PGD on CE: set attack.norm 'l2', "
+                         "objective 'ce', targeted true, random_start 'none' or 'normal'")
     images = []
     for y in _chunks(labels, batch_size, "targeted pgd"):
         x0 = initialise(init, len(y), shape=shape, labels=y, generator=generator, device=device, **init_kwargs)
         yd = y.to(device)
-        images.append(perturb(model, x0, yd, attack, target=yd, generator=generator).cpu())
+        images.append(robustness_targeted_l2(model, x0, yd, eps=attack.eps, step_size=attack.step,
+                                             iterations=attack.steps, random_start=attack.random_start == "normal",
+                                             generator=generator).cpu())
     return torch.cat(images), labels.clone()
 
 
@@ -169,9 +224,16 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return images.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+@torch.no_grad()
+def sample_logits(model: nn.Module, images: Tensor, *, batch_size: int = 100, device=torch.device("cpu")) -> Tensor:
+    """f(x) of float [0,1] images (CPU float32): what the JEM-family papers' buffer protocol ranks by
+    (metrics.buffer_protocol), taken here on the float buffer as their cond_is_fid does, before uint8 storage."""
+    return torch.cat([model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
+
+
+def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, images=images, labels=labels.astype(np.int64))
+    np.savez(buffer, images=images, labels=labels.astype(np.int64), **extra)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -250,11 +312,14 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
             images, ys = langevin_samples(model, labels, spec.sampler, spec.init, **common)
         elif spec.kind == "targeted_pgd":
             images, ys = targeted_pgd_samples(model, labels, spec.attack, spec.init, **common)
-        else:
+        extra = {}
+        if spec.kind == "buffer":
             images, ys = buffer_samples(model, buffer_path, batch_size=gen_cfg.batch_size, device=device)
             record["buffer_path"] = str(buffer_path)
+            with model_mode(model, "eval"):
+                extra["logits"] = sample_logits(model, images, batch_size=gen_cfg.batch_size, device=device).numpy()
         as_uint8, ys = to_uint8(images), ys.numpy()
-        save_npz(npz, as_uint8, ys)
+        save_npz(npz, as_uint8, ys, **extra)
         save_grid(grid, as_uint8, ys, num_classes)
         record.update(status="ok", count=len(ys), seconds=round(time.time() - t0, 3),
                       class_counts=np.bincount(ys, minlength=num_classes).tolist())

@@ -5,23 +5,36 @@ on its own, so its accuracy is that of one component; the number of the tables i
 AutoAttack ensemble (`autoattack.run_autoattack`: a point is robust only if every attack of
 the ensemble fails on it), which is evaluate's `autoattack` column.
 
-    name      implementation                                                WEAT Fig.2 panel
-    pgd_kl    attacks.perturb, objective 'kl': KL(p(.|x) || p(.|x')), TRADES  TRADES (KL)
-    apgd_ce   pyautoattack APGDAttack(loss='ce')                            APGD
-    apgd_t    pyautoattack APGDAttack_targeted (targeted DLR loss)          APGD-T
-    apgd_dlr  pyautoattack APGDAttack(loss='dlr')                           APGD-DLR
-    fab_t     pyautoattack FABAttack_PT(targeted=True)                      FAB
-    square    pyautoattack SquareAttack (margin loss, score-based)          Square
-    cw_linf   attacks.perturb, objective 'cw_margin': PGD on the CW margin  CW
-    (the PGD panel is evaluate's `pgd` column, L∞ PGD-20 on CE)
+WEAT's notebook (Adversarial ML/Energy_analysis_sec_3.ipynb, compute_attack) runs **torchattacks 3.5.1**
+(its robustbench.yml pin), every attack with one shared `steps` (2 in the released config; the
+figure's value is not recorded), eps 8/255, alpha 2/255:
 
-Every attack is L∞ with budget ε (8/255 pixel units by default) on [0,1] images.
+    name      implementation                                                WEAT Fig.2 panel (torchattacks call)
+    pgd_kl    attacks.perturb, objective 'kl': KL(p(.|x) || p(.|x')), TRADES  TRADES-PGD (TPGD(eps, alpha, steps))
+    apgd_ce   pyautoattack APGDAttack(loss='ce')                            APGD (APGD(loss='ce', n_restarts=1, seed=0))
+    apgd_t    pyautoattack APGDAttack_targeted (targeted DLR loss)          APGD-T (APGDT(n_restarts=1, n_classes=10))
+    apgd_dlr  pyautoattack APGDAttack(loss='dlr')                           APGD-DLR (APGD(loss='dlr'))
+    fab       pyautoattack FABAttack_PT(targeted=False), untargeted         FAB (FAB(multi_targeted=False, n_restarts=1))
+    square    pyautoattack SquareAttack, 1000 queries (margin loss)         Square (Square(n_queries=1000, loss='margin'))
+    cw_l2     `cw_l2`: torchattacks 3.5.1's CW, L2, c 1, kappa 0, Adam lr   CW (CW(c=1, kappa=0, steps, lr=0.01))
+              0.01, tanh space, no eps budget (its images are NOT in the
+              L∞ ball; the panel says so)
+    fab_t     pyautoattack FABAttack_PT(targeted=True), AutoAttack's FAB-T  not a WEAT panel (extra diagnostic)
+    cw_linf   attacks.perturb, objective 'cw_margin': PGD on the CW margin  not a WEAT panel (extra diagnostic)
+    (the PGD panel is evaluate's `pgd` column, L∞ PGD-20 on CE; torchattacks' PGD has a uniform random start)
+
+torchattacks' APGD/APGDT/FAB/Square are ports of the same auto-attack code as pyautoattack's
+classes, which we run. Iterations: APGD and FAB get `apgd_iters`/`fab_iters` (AutoAttack's 100),
+the PGD-type attacks and CW get `pgd_steps` (20), since WEAT's single `steps` is not known.
+
+Every attack but cw_l2 is L∞ with budget ε (8/255 pixel units by default) on [0,1] images.
 
 pyautoattack's classes are used as AutoAttack 'standard' configures them for L∞
 (pyautoattack 0.2.0, `AutoAttack.__init__` and `_set_version`):
 APGD n_iter 100, n_restarts 1, rho 0.75, eot_iter 1; APGD-T the same with 9 target
-classes; FAB-T n_iter 100, n_restarts 1, 9 target classes (alpha_max 0.1, eta 1.05,
-beta 0.9); Square p_init 0.8, 5000 queries, 1 restart, resc_schedule False. APGD-DLR
+classes; FAB(-T) n_iter 100, n_restarts 1, 9 target classes for FAB-T (alpha_max 0.1, eta 1.05,
+beta 0.9); Square p_init 0.8, 1 restart, resc_schedule False, and 1000 queries as WEAT's
+notebook asks (AutoAttack 'standard': 5000). APGD-DLR
 is not in 'standard'; it gets APGD-CE's settings ('plus' gives it 5 restarts). The
 settings `apgd_iters`, `fab_iters`, `square_queries`, `n_target_classes` and `pgd_steps`
 can be lowered (smoke profile); the protocol string then says REDUCED next to the value. A model with
@@ -62,19 +75,23 @@ from .schema_types import Fraction, Strict
 
 DIAGNOSTIC = ("per-component diagnostic for the energy histograms (WEAT Fig.2), not the headline robustness "
               "number (that is the AutoAttack ensemble, evaluate's 'autoattack' column)")
-# name -> WEAT Fig.2 panel label, in the figure's order
+# name -> panel label: WEAT Fig.2's panels in the figure's order, then extra diagnostics
 LABELS = {
     "pgd_kl": "TRADES (KL)",
     "apgd_ce": "APGD-CE",
     "apgd_t": "APGD-T",
     "apgd_dlr": "APGD-DLR",
-    "fab_t": "FAB-T",
+    "fab": "FAB (untargeted)",
     "square": "Square",
-    "cw_linf": "CW-Linf (PGD on CW margin)",
+    "cw_l2": "CW-L2 (unbounded)",
+    "fab_t": "FAB-T (not in WEAT Fig.2)",
+    "cw_linf": "CW-Linf margin PGD (not in WEAT Fig.2)",
 }
 NAMES = tuple(LABELS)
-# The standard settings the config may lower: AutoAttack 'standard' (L∞), and PGD-20 (papers.md §3.2, §3.8)
-STANDARD = {"apgd_iters": 100, "fab_iters": 100, "square_queries": 5000, "n_target_classes": 9, "pgd_steps": 20}
+WEAT_FIG2 = ("pgd_kl", "apgd_ce", "apgd_t", "apgd_dlr", "fab", "square", "cw_l2")  # after evaluate's PGD column
+# The reference settings the config may lower: WEAT's notebook for Square (1000 queries), else AutoAttack
+# 'standard' (L∞) and PGD-20 (papers.md §3.2, §3.8)
+STANDARD = {"apgd_iters": 100, "fab_iters": 100, "square_queries": 1000, "n_target_classes": 9, "pgd_steps": 20}
 _AA_LOGGER = logging.getLogger("auto-attack")
 
 
@@ -82,14 +99,15 @@ class HistogramAttacksConfig(Strict):
     """evaluation.histogram_attacks: per-attack energies for WEAT Fig.2 (a diagnostic; see the module docstring)."""
 
     n_examples: int = Field(1000, ge=1, description="the first n evaluated test images")
-    attacks: list[str] = Field(default_factory=lambda: list(NAMES), min_length=1, description=f"any of {list(NAMES)}")
+    attacks: list[str] = Field(default_factory=lambda: list(WEAT_FIG2), min_length=1, description=f"any of {list(NAMES)}")
     eps: Fraction = Field(8 / 255, gt=0.0, le=1.0, description="L∞ budget, pixel units")
     step: Fraction = Field(2 / 255, gt=0.0, description="PGD step of pgd_kl and cw_linf, pixel units")
-    pgd_steps: int = Field(STANDARD["pgd_steps"], ge=1, description="iterations of pgd_kl and cw_linf (PGD-20)")
+    pgd_steps: int = Field(STANDARD["pgd_steps"], ge=1, description="iterations of pgd_kl, cw_linf and cw_l2 (20)")
     apgd_iters: int = Field(STANDARD["apgd_iters"], ge=1, description="APGD n_iter (AutoAttack: 100)")
     apgd_restarts: int = Field(1, ge=1, description="APGD-CE/-DLR n_restarts (AutoAttack standard: 1)")
     fab_iters: int = Field(STANDARD["fab_iters"], ge=1, description="FAB n_iter (AutoAttack: 100)")
-    square_queries: int = Field(STANDARD["square_queries"], ge=1, description="Square n_queries (AutoAttack: 5000)")
+    square_queries: int = Field(STANDARD["square_queries"], ge=1, description="Square n_queries (WEAT's notebook: 1000; "
+                                "AutoAttack standard: 5000)")
     n_target_classes: int = Field(STANDARD["n_target_classes"], ge=1, description="APGD-T / FAB-T targets (AutoAttack: 9)")
     seed: int = 0
 
@@ -118,6 +136,7 @@ class Component:
     steps: int          # iterations (queries for Square)
     step: float | None  # fixed PGD step in pixel units; None for the adaptive pyautoattack attacks
     impl: object        # the pyautoattack attack object, or the AttackConfig of attacks.perturb
+    bounded: bool = True  # inside the L∞ eps-ball (evaluate checks it); False for cw_l2
 
 
 def _setting(key: str, value: int) -> str:
@@ -139,7 +158,7 @@ def _pyautoattack(what: str, cfg: HistogramAttacksConfig) -> str:
     return f"pyautoattack {pyautoattack.__version__} {what}, Linf, eps {cfg.eps * 255:.4g}/255 pixel units, seed {cfg.seed}"
 
 
-# ----------------------------------------------------------------------------- the seven attacks
+# ----------------------------------------------------------------------------- the attacks
 
 def _pgd(model, cfg, device, objective, random_start) -> tuple[Callable, AttackConfig]:
     """L∞ PGD-`pgd_steps` on `objective` (attacks.perturb), ε `eps`, α `step`, its own seeded generator."""
@@ -163,6 +182,49 @@ def _cw_linf(model, cfg, num_classes, device) -> Component:
                 f"steps {_setting('pgd_steps', cfg.pgd_steps)}. NOT ART's CarliniLInfMethod that WEAT's "
                 "CW_test.py calls (papers.md §3.4)")
     return Component(fn, protocol, "cw_margin", cfg.pgd_steps, cfg.step, attack)
+
+
+def cw_l2(model: nn.Module, x: Tensor, y: Tensor, *, c: float = 1.0, kappa: float = 0.0, steps: int = 50,
+          lr: float = 0.01) -> Tensor:
+    """Untargeted Carlini-Wagner L2 as torchattacks 3.5.1's `CW.forward` (WEAT's pin), no eps budget:
+
+        x' = (tanh(w) + 1) / 2, w0 = atanh(clamp(2x - 1, -1, 1)); Adam(lr) on
+        sum_i ||x'_i - x_i||^2 + c * sum_i max(max(onehot_y * f) - max((1 - onehot_y) * f), -kappa)
+        (torchattacks' f: a max over the masked logits, so a zeroed entry can win when logits are negative);
+        keeps, per image, the misclassified iterate of smallest L2 (else the clean image); every
+        max(steps // 10, 1) steps it stops when the cost rose since the last check.
+    """
+    x = x.detach()
+    onehot = torch.eye(0 if x.numel() == 0 else int(model(x[:1]).shape[1]), device=x.device, dtype=x.dtype)[y]
+    w = (0.5 * torch.log((1 + (x * 2 - 1).clamp(-1, 1)) / (1 - (x * 2 - 1).clamp(-1, 1)))).detach().requires_grad_(True)
+    best, best_l2 = x.clone(), torch.full((len(x),), 1e10, device=x.device, dtype=x.dtype)
+    optimizer, previous = torch.optim.Adam([w], lr=lr), 1e10
+    with torch.enable_grad():
+        for step in range(steps):
+            adv = (torch.tanh(w) + 1) / 2
+            l2 = (adv - x).pow(2).flatten(1).sum(1)
+            logits = model(adv)
+            real, other = (onehot * logits).max(1).values, ((1 - onehot) * logits).max(1).values
+            cost = l2.sum() + c * (real - other).clamp(min=-kappa).sum()
+            optimizer.zero_grad()
+            cost.backward()
+            optimizer.step()
+            with torch.no_grad():
+                better = (logits.argmax(1) != y) & (best_l2 > l2)
+                best_l2, best[better] = torch.where(better, l2, best_l2), adv[better]
+            if step % max(steps // 10, 1) == 0:
+                if cost.item() > previous:
+                    return best
+                previous = cost.item()
+    return best
+
+
+def _cw_l2(model, cfg, num_classes, device) -> Component:
+    protocol = (f"CW-L2 as torchattacks 3.5.1 CW(c=1, kappa=0, steps={_setting('pgd_steps', cfg.pgd_steps)}, lr=0.01), "
+                "untargeted, the attack WEAT's notebook runs for its CW panel (histogram_attacks.cw_l2); minimum-L2, "
+                "NO eps budget: its images may leave the L-inf ball")
+    return Component(lambda x, y: cw_l2(model, x, y, steps=cfg.pgd_steps), protocol, "cw (L2, c 1)", cfg.pgd_steps,
+                     0.01, "torchattacks-3.5.1 CW", bounded=False)
 
 
 def _apgd(loss: str):
@@ -204,16 +266,26 @@ def _fab_t(model, cfg, num_classes, device) -> Component:
     return Component(attack.perturb, protocol, "fab-targeted (minimum norm)", cfg.fab_iters, None, attack)
 
 
+def _fab(model, cfg, num_classes, device) -> Component:
+    attack = FABAttack_PT(model, norm="Linf", n_restarts=1, n_iter=cfg.fab_iters, eps=cfg.eps, seed=cfg.seed,
+                          targeted=False, verbose=False, device=device)
+    protocol = _pyautoattack(f"FABAttack_PT(untargeted, n_iter {_setting('fab_iters', cfg.fab_iters)}, n_restarts 1, "
+                             "alpha_max 0.1, eta 1.05, beta 0.9) as WEAT's notebook runs torchattacks.FAB("
+                             "multi_targeted=False); a point counts as broken only within eps", cfg)
+    return Component(attack.perturb, protocol, "fab (minimum norm, untargeted)", cfg.fab_iters, None, attack)
+
+
 def _square(model, cfg, num_classes, device) -> Component:
     attack = SquareAttack(model, norm="Linf", n_queries=cfg.square_queries, eps=cfg.eps, p_init=0.8, n_restarts=1,
                           seed=cfg.seed, verbose=False, loss="margin", resc_schedule=False, device=device)
     protocol = _pyautoattack(f"SquareAttack(margin loss, n_queries {_setting('square_queries', cfg.square_queries)}, "
-                             "p_init 0.8, n_restarts 1, resc_schedule False) as AutoAttack 'standard' runs Square", cfg)
+                             "p_init 0.8, n_restarts 1, resc_schedule False); WEAT's notebook: 1000 queries (AutoAttack "
+                             "'standard': 5000)", cfg)
     return Component(attack.perturb, protocol, "margin (score-based)", cfg.square_queries, None, attack)
 
 
 _BUILDERS = {"pgd_kl": _pgd_kl, "apgd_ce": _apgd("ce"), "apgd_t": _apgd_t, "apgd_dlr": _apgd("dlr"),
-             "fab_t": _fab_t, "square": _square, "cw_linf": _cw_linf}
+             "fab": _fab, "square": _square, "cw_l2": _cw_l2, "fab_t": _fab_t, "cw_linf": _cw_linf}
 assert tuple(_BUILDERS) == NAMES
 
 

@@ -320,17 +320,38 @@ def init_gaussian(stats, labels: Tensor, generator: torch.Generator | None = Non
     return _noisy(x.view(len(labels), *image_shape), math.sqrt(stats.diag_eps), generator)
 
 
-def init_pca(stats, labels: Tensor, fraction: float = 0.95, sigma: float = 0.005, generator=None, device=None) -> Tensor:
-    """WEAT class-wise PCA init: x0 = mu_y + sum_{i<r} s_i alpha_i U_i + sigma * N(0,I), alpha_i ~ N(0,1),
+def weat_pca_draw(mean: Tensor, components: Tensor, singular_values: Tensor, z: Tensor, sigma: float) -> Tensor:
+    """WEAT's class-PCA start (image_generation/utils_func.py, sample_x0_pca), flat images (n, D):
 
-    keeping the r leading components that explain `fraction` of class y's variance.
+        x0 = clip(mu + sum_i (lambda_i * z_i * sigma_pca) U_i, 0, 1),   z ~ N(0, I)
+
+    mean (D,), components (r, D) rows U_i, singular_values (r,) sklearn's lambda_i, z (n, r). No pixel noise
+    is added; sigma_pca scales the coefficients (so the std along U_i is sigma_pca * sqrt(n_y - 1) times the
+    class's own std there: 0.35x for CIFAR-10's 5,000 images per class).
     """
-    from .data import n_components_for_variance  # data is the one owner of that rule
+    return (mean + (sigma * singular_values * z) @ components).clamp(0.0, 1.0)
 
-    def rank_of(k: int) -> int:
-        return n_components_for_variance(stats, k, fraction)
 
-    return _class_gaussian(stats, labels, rank_of, sigma, generator, device)
+def init_pca(stats, labels: Tensor, fraction: float = 0.95, sigma: float = 0.005, generator=None, device=None) -> Tensor:
+    """WEAT class-wise PCA init (`weat_pca_draw`) with the components WEAT keeps (`data.weat_pca_rank`).
+
+    fraction is WEAT's retained_variance as sample_x0_pca receives it; its eval.py divides the command-line
+    value by 100 (default 0.95 -> 0.0095, which keeps no component: x0 = the class mean).
+    """
+    from .data import weat_pca_rank, weat_pca_singular_values  # data is the one owner of those rules
+
+    device = torch.device(device) if device is not None else stats.mean.device
+    labels = labels.to(device)
+    image_shape = tuple(stats.mean.shape[1:])
+    x = torch.empty((len(labels), math.prod(image_shape)), device=device, dtype=stats.mean.dtype)
+    for k in labels.unique().tolist():
+        rows = (labels == k).nonzero().squeeze(1)
+        r = weat_pca_rank(stats, k, fraction)
+        components = stats.basis[k, :, :r].T.to(device)
+        z = _randn((len(rows), r), device, generator).to(x.dtype)
+        x[rows] = weat_pca_draw(stats.mean[k].to(device).flatten(), components,
+                                weat_pca_singular_values(stats, k, r).to(device), z, sigma)
+    return x.view(len(labels), *image_shape)
 
 
 def init_gm(stats, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:

@@ -78,6 +78,22 @@ METRICS: dict[str, tuple[str | None, str, float | None]] = {
 # Stand-in columns (ours only) shown beside Inception IS/FID: features of the reference classifier.
 STAND_INS = {"IS": ("IS_refclf", "generators.{generator}.refclf.is_refclf"),
              "FID": ("FID_refclf", "generators.{generator}.refclf.fid_refclf")}
+# The JEM-family papers' own IS/FID (metrics.top_confident: the most confident part of the replay buffer),
+# ours only, beside Inception IS/FID; the column names carry the ratio (e.g. IS_top10pct).
+TOP_CONFIDENT = {"IS": "is", "FID": "fid"}
+
+
+def _top_confident_columns(profile) -> dict[str, tuple[str, str]]:
+    """{paper metric: (column name, dotted path)} of the papers' buffer protocol in this profile."""
+    cfg = profile.metrics.top_confident
+    label = cfg.label
+    if not cfg.enabled:
+        return {}
+    first = {"IS": cfg.is_ratios[0], "FID": cfg.fid_ratios[0]}
+    return {m: (f"{m}_{label(first[m])} (papers' buffer protocol)",
+                f"generators.{{generator}}.top_confident.{key}_{label(first[m])}") for m, key in TOP_CONFIDENT.items()}
+
+
 # Which generated set a method's IS/FID comes from (the paper's own procedure, papers.md §3.5).
 GENERATORS = {
     "jem": "jem_buffer", "jempp": "jem_buffer", "sadajem": "jem_buffer", "ebjdat_jem": "jem_buffer",
@@ -230,6 +246,8 @@ def build_table(paper: str, table_id: str, records: list[dict], profile, results
     """One paper table: rows as the paper's, each metric resolved against our results."""
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     stand_ins = [STAND_INS[m][0] for m in metrics if m in STAND_INS]
+    top_columns = _top_confident_columns(profile)
+    stand_ins += [top_columns[m][0] for m in metrics if m in top_columns]
     runs = set(profile.runs)
     rows: dict[tuple, dict] = {}
     for r in records:
@@ -271,6 +289,14 @@ def build_table(paper: str, table_id: str, records: list[dict], profile, results
                 name, path = STAND_INS[metric]
                 ours[name] = (Cell(reason=why) if why else
                               our_cell(results, profile, ours_dataset, ours_method, ("metrics", path, 1.0), generator))
+        for metric in metrics:
+            if metric in top_columns:
+                name, path = top_columns[metric]
+                spec = profile.generation.generators.get(generator)
+                ours[name] = (Cell(reason=why) if why else
+                              Cell(reason=f"n/a: {generator} is not a replay buffer (the papers' protocol ranks buffers)")
+                              if spec is None or spec.kind != "buffer" else
+                              our_cell(results, profile, ours_dataset, ours_method, ("metrics", path, 1.0), generator))
         notes = sorted(row["notes"]) + ([method_note] if method_note and ours_method else [])
         if ours_method and any(m in STAND_INS or "generated" in m for m in metrics):
             notes.append(f"samples: {generator}")
@@ -296,7 +322,11 @@ def protocol_text(profile) -> str:
             f"step {pgd.step * 255:.3g}/255 (pixel units); AutoAttack {aa.version} {aa.norm} eps {aa.eps * 255:.3g}/255 "
             f"on {aa_n} images. IS/FID: Inception (torch-fidelity TF port), up to {mx.inception.n_uniform} samples "
             f"vs the {mx.inception.reference} split; *_refclf columns use the profile's '{mx.refclf.method}' "
-            "classifier as feature network (a stand-in, not comparable to Inception values).")
+            "classifier as feature network (a stand-in, not comparable to Inception values)."
+            + (f" Columns '(papers' buffer protocol)': the JEM-family papers' own IS/FID, on the replay buffer's "
+               f"most confident images per predicted class (IS top {mx.top_confident.is_ratios[0]}, FID top "
+               f"{mx.top_confident.fid_ratios[0]}; a ratio >= 1 is a count per class) vs the "
+               f"{mx.top_confident.reference} split." if mx.top_confident.enabled else ""))
 
 
 def _caption(paper, table_id, summary, profile, rows, dataset_notes) -> str:

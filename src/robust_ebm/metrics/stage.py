@@ -7,6 +7,8 @@ reference classifier and the evaluate stage's energies; writes `out_path` (JSON)
 Every number carries the name of what was computed:
   is_inception_n{N}, is_std_inception_n{N}, fid_inception_n{N}   Inception, N = samples really used
   fid_refclf, is_refclf, class_consistency_refclf                  reference-classifier stand-in
+  top_confident.{is,fid}_top<R>pct                                 replay buffers only: the JEM-family papers'
+                                                                   own protocol (metrics.buffer_protocol)
 When the Inception weights are unavailable, `inception` = {"status": "unavailable", "reason": ...}
 and only the `_refclf` numbers exist: the absence is logged as a warning and listed under
 "fallbacks" (as is the CPU standing in for the GPU and any subset smaller than requested), and
@@ -30,6 +32,7 @@ from ..data import load_prepared
 from ..files import BadFileError, load_npz
 from ..models import load_for_run
 from ..runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
+from .buffer_protocol import top_confident_metrics
 from .energy_stats import compute_energies, energy_report
 from .fisher import fisher_scores
 from .inception import (
@@ -49,6 +52,19 @@ INCEPTION_FALLBACK = ("IS/FID: Inception weights unavailable, so only the *_refc
 def _reference_images(splits, which: str) -> torch.Tensor:
     parts = {"train": [splits.train], "test": [splits.test], "train+test": [splits.train, splits.test]}[which]
     return torch.cat([torch.as_tensor(p.images) for p in parts])
+
+
+def _load_logits(samples_dir: Path) -> dict[str, torch.Tensor]:
+    """{generator: logits (N,K)} of the replay-buffer generators (generate stores them for the papers' protocol)."""
+    out = {}
+    for name, record in json.loads((samples_dir / "generate.json").read_text())["generators"].items():
+        npz = samples_dir / record.get("files", {}).get("npz", f"{name}.npz")
+        if record.get("kind") == "buffer" and record.get("count", 0) and npz.is_file():
+            with np.load(npz) as f:
+                if "logits" not in f.files:
+                    raise ValueError(f"{npz} holds no logits (written by an older generate stage); rerun generate")
+                out[name] = torch.from_numpy(f["logits"])
+    return out
 
 
 def _load_samples(samples_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -143,6 +159,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     except InceptionWeightsUnavailable as err:
         weights, missing_weights = None, err
     samples = _load_samples(samples_dir)
+    buffer_logits = _load_logits(samples_dir) if cfg.top_confident.enabled else {}
     eval_sets = _eval_energies(eval_path)
 
     t0 = time.time()
@@ -159,7 +176,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     result = {"run": run.run_name, "model_path": str(model_path), "samples_dir": str(samples_dir),
               "reference_set": cfg.inception.reference, "generators": {}}
 
-    net, unavailable = None, missing_weights
+    net, unavailable, top_ref = None, missing_weights, None
     if weights is not None:
         try:
             net = load_inception(weights, device)
@@ -170,6 +187,10 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
                                     cache_dir=Path(run.paths.results) / run.profile / "cache" / "inception")
         result["inception"] = {"status": "ok", "weights": str(weights), "splits": cfg.inception.splits,
                                "n_ref": ref_stats.n, "network": "torch-fidelity InceptionV3 (TF 2015-12-05 port)"}
+        if buffer_logits:  # the papers' buffer protocol compares with its own real set (CIFAR-10 train+test)
+            top_ref = reference_stats(net, _reference_images(splits, cfg.top_confident.reference), weights=weights,
+                                      batch_size=cfg.batch_size,
+                                      cache_dir=Path(run.paths.results) / run.profile / "cache" / "inception")
     else:
         result["inception"] = {"status": "unavailable", "reason": str(unavailable)}
         note_fallback(fallbacks, INCEPTION_FALLBACK)
@@ -185,6 +206,11 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         if net is not None:
             entry.update(_inception_for(images, ref_stats, cfg.inception, weights=weights, net=net,
                                         seed=run.seed, batch_size=cfg.batch_size, fallbacks=fallbacks))
+        if name in buffer_logits:
+            entry["top_confident"] = (
+                top_confident_metrics(images, buffer_logits[name], cfg.top_confident, top_ref, net=net,
+                                      batch_size=cfg.batch_size)
+                if net is not None else {"status": "not computed: Inception weights unavailable"})
         if refclf is not None:
             idx = _subset(len(images), min(cfg.inception.n_uniform, len(images)), run.seed)
             entry["refclf"] = refclf_metrics(refclf, images[idx], labels[idx], ref_stats=refclf_ref,
