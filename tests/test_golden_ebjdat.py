@@ -19,12 +19,8 @@ from robust_ebm.methods import Batch, build_method
 from robust_ebm.optim import SAM, build_optimizer
 from robust_ebm.train import train_step
 
-try:
-    from tests.golden import ebjdat_net
-    from tests.golden.common import TOLERANCE, assert_close, load_fixture
-except ImportError:  # torch-fidelity installs a top-level `tests` package that shadows ours
-    from golden import ebjdat_net
-    from golden.common import TOLERANCE, assert_close, load_fixture
+from golden import ebjdat_net
+from golden.common import TOLERANCE, assert_close, load_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 # The replay buffer stores float32 (sampling.ReplayBuffer): the rows written back are our float64 chain

@@ -16,12 +16,8 @@ import torch
 from robust_ebm.config import load_params
 from robust_ebm.methods import Batch, build_method
 
-try:
-    from tests.golden import ebjdat_net
-    from tests.golden.common import TOLERANCE, assert_close, load_fixture
-except ImportError:  # torch-fidelity installs a top-level `tests` package that shadows ours
-    from golden import ebjdat_net
-    from golden.common import TOLERANCE, assert_close, load_fixture
+from golden import ebjdat_net
+from golden.common import TOLERANCE, assert_close, load_fixture
 
 REPO = Path(__file__).resolve().parents[1]
 # Our replay buffer stores float32: written rows are the float64 chain rounded to float32 (the fixture

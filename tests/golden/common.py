@@ -60,20 +60,23 @@ class Reference:
         path = self.root / relpath
         folder = str(path.parent)
         added = {k: v for k, v in (stubs or {}).items() if k not in sys.modules}
-        before = set(sys.modules)
         sys.modules.update(added)
         sys.path.insert(0, folder)
+        mod_name = name or f"golden_ref_{self.repo.replace('/', '_').replace('-', '_')}_{path.stem}"
         try:
-            mod_name = name or f"golden_ref_{self.repo.replace('/', '_').replace('-', '_')}_{path.stem}"
             spec = importlib.util.spec_from_file_location(mod_name, path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
         finally:
             sys.path.remove(folder)
-            # sibling modules of the reference (utils, models, ...) must not shadow another reference's
-            for key in set(sys.modules) - before:
-                if key != mod_name:
+            # the reference's own sibling modules (utils, models, ...) and the stubs must not shadow
+            # another reference's; libraries it imported (torch, numpy, ...) stay loaded
+            for key in list(added):
+                sys.modules.pop(key, None)
+            for key, mod in list(sys.modules.items()):
+                origin = getattr(mod, "__file__", None) or ""
+                if key != mod_name and origin.startswith(str(self.root)):
                     sys.modules.pop(key, None)
 
     def source(self, relpath: str, function: str) -> dict:
@@ -129,7 +132,7 @@ def load_fixture(name: str) -> dict:
     """A fixture written by save_fixture, loaded without running any pickled code."""
     path = FIXTURES / f"{name}.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"golden fixture {path} missing: run `python -m tests.golden.make_golden --refs DIR`")
+        raise FileNotFoundError(f"golden fixture {path} missing: run `python tests/golden/make_golden.py --refs DIR`")
     return torch.load(path, weights_only=True)
 
 

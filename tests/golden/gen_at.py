@@ -1,6 +1,6 @@
 """Golden fixtures of the adversarial-training baselines, produced by the official codes.
 
-    python -m tests.golden.make_golden --refs /work/refs --only at
+    python tests/golden/make_golden.py --refs /work/refs --only at
 
 One training step of each method on a tiny kuangliu ResNet (the references' own `ResNet.forward`,
 `_make_layer` and `BasicBlock`, built with widths 4 and 8 instead of 64..512; our weights loaded by a
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tests.golden.at_net import NUM_CLASSES, reference_key, tiny_resnet
-from tests.golden.common import Reference, float64, save_fixture, stub_module
+from golden.at_net import NUM_CLASSES, reference_key, tiny_resnet
+from golden.common import Reference, float64, save_fixture, stub_module
 
 REPOSITORIES = ("yaodongyu/TRADES", "YisenWang/MART", "QizhouWang/MAIL",
                 "OmnAI-Lab/Robust-Classifiers-under-the-lens-of-EBM", "MadryLab/robustness", "wgrathwohl/JEM")

@@ -45,8 +45,8 @@ import torch
 import torch._dynamo  # noqa: F401  imported now: Reference.load drops every module first imported during a load
 from torch import nn
 
-from tests.golden import ebjdat_net
-from tests.golden.common import float64, save_fixture, stub_module
+from golden import ebjdat_net
+from golden.common import float64, save_fixture, stub_module
 
 REPOSITORIES = ("jkcjkc/EB-JDAT",)
 SIGMA = 0.03          # train.sh --sigma, [-1,1] units

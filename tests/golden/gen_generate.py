@@ -1,6 +1,6 @@
 """Golden fixtures of the generation family: generators, the WEAT PCA init and the buffer selection.
 
-    python -m tests.golden.make_golden --refs DIR --only generate
+    python tests/golden/make_golden.py --refs DIR --only generate
 
 DIR must hold a checkout of OmnAI-Lab/Robust-Classifiers-under-the-lens-of-EBM *with* its
 image_generation/ folder (the /work/refs extraction of commit b58e362 lacks it; a git clone of the
@@ -40,7 +40,7 @@ import torchvision.datasets  # noqa: F401
 import torchvision.transforms  # noqa: F401
 from torch import nn
 
-from .common import float64, save_fixture, stub_module
+from golden.common import float64, save_fixture, stub_module
 
 WEAT = "OmnAI-Lab/Robust-Classifiers-under-the-lens-of-EBM"
 REPOSITORIES = (WEAT, "MadryLab/robustness", "jkcjkc/EB-JDAT", "sndnyang/SADAJEM")

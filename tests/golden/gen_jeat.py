@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from tests.golden import ebjdat_net
-from tests.golden.common import save_fixture
+from golden import ebjdat_net
+from golden.common import save_fixture
 
 REPOSITORIES = ()
 EPS = 8 / 255

@@ -1,6 +1,6 @@
 """Golden fixtures of the JEM family: architectures, JEM / JEM++ / SADA-JEM training steps, inits.
 
-Run: python -m tests.golden.make_golden --refs /work/refs --only jem
+Run: python tests/golden/make_golden.py --refs /work/refs --only jem
 
 Every reference function runs as released, in float64 on the CPU, with these minimal patches
 (each fixture's `note` repeats the ones it needed):
@@ -26,8 +26,8 @@ import torch.nn.functional as F
 import torchvision  # noqa: F401
 import tqdm  # noqa: F401
 
-from tests.golden import nets
-from tests.golden.common import float64, save_fixture, stub_module
+from golden import nets
+from golden.common import float64, save_fixture, stub_module
 
 from robust_ebm import reference_weights
 

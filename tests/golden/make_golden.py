@@ -1,6 +1,6 @@
 """Regenerate the golden fixtures from fetched checkouts of the official repositories.
 
-    python -m tests.golden.make_golden --refs /path/to/refs [--only jem trades ...]
+    python tests/golden/make_golden.py --refs /path/to/refs [--only jem trades ...]
 
 Each `tests/golden/gen_<family>.py` defines `generate(refs) -> list[Path]`, where `refs` maps
 "owner/name" to a `common.Reference`; a family whose repositories are absent is reported, not skipped
@@ -15,9 +15,12 @@ import os
 import sys
 from pathlib import Path
 
-from tests.golden.common import refs_from_root
-
 HERE = Path(__file__).resolve().parent
+# Import the fixtures' helpers as `golden.*`, as pytest does (tests/ first on sys.path). The package
+# name `tests` cannot be used: torch-fidelity installs a top-level `tests` package into site-packages.
+sys.path.insert(0, str(HERE.parent))
+
+from golden.common import refs_from_root  # noqa: E402
 
 
 def families() -> list[str]:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown families {unknown}; known: {families()}")
     failed = []
     for family in wanted:
-        module = importlib.import_module(f"tests.golden.gen_{family}")
+        module = importlib.import_module(f"golden.gen_{family}")
         missing = [r for r in getattr(module, "REPOSITORIES", ()) if r not in refs]
         if missing:
             print(f"{family}: missing checkouts {missing} under {args.refs}", file=sys.stderr)
