@@ -67,10 +67,9 @@ def test_energy_adversarial_example(step):
     assert literal.min() < 0 and literal.max() > 1 and (x_adv - literal).abs().max() > 1e-3
 
 
-def test_sgld_chain_and_buffer(step):
-    name, r = step
-    if name != "jeat":
-        pytest.skip("PreJEAT has no sampler (CE at the energy adversarial example only)")
+def test_sgld_chain_and_buffer():
+    """JEAT only: PreJEAT has no sampler (CE at the energy adversarial example)."""
+    name, r = "jeat", run_ours("jeat")
     ref = r["fx"]["outputs"]
     assert_close(r["prepared"]["x_sgld"], ref["x_sgld"], what=f"{name} x_sgld (Alg. 1 step 2, coupled SGLD)")
     assert torch.equal(r["buffer"], ref["buffer"]), f"{name}: buffer after the write-back differs"
