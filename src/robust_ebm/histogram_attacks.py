@@ -161,7 +161,11 @@ def _pyautoattack(what: str, cfg: HistogramAttacksConfig) -> str:
 # ----------------------------------------------------------------------------- the attacks
 
 def _pgd(model, cfg, device, objective, random_start) -> tuple[Callable, AttackConfig]:
-    """L∞ PGD-`pgd_steps` on `objective` (attacks.perturb), ε `eps`, α `step`, its own seeded generator."""
+    """L∞ PGD-`pgd_steps` on `objective` (attacks.perturb), ε `eps`, α `step`, its own seeded generator.
+
+    The start is clipped to [0,1] before the first gradient, as torchattacks 3.5.1 (WEAT's Fig.2 notebook)
+    does in TPGD (tpgd.py:46-47) and PGD (pgd.py:56-59); TRADES' own training attack does not clip it.
+    """
     attack = AttackConfig(norm="linf", eps=cfg.eps, step=cfg.step, steps=cfg.pgd_steps, random_start=random_start,
                           start_std=0.001, objective=objective)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
