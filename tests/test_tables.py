@@ -199,3 +199,17 @@ def test_html_version_shows_grouped_headers_and_numbered_notes(profile, results)
     html = tables.to_html(t)
     assert html.count('<th colspan="3">') == len([m for m in t.metrics if m in tables.METRICS])
     assert html.count("<li id=") == len(_texts(t)) and html.count("<tr>") == len(t.rows) + 2
+
+
+def test_readme_lists_the_figures_by_kind(profile, results, tmp_path):
+    figs = results / "figures"
+    figs.mkdir()
+    entries = [{"name": "dynamics_digits_jem_s0", "kind": "dynamics"}, {"name": "clean_vs_autoattack_digits",
+                                                                        "kind": "accuracy_scatter"}]
+    (figs / "figures.json").write_text(json.dumps({"figures": entries}))
+    for e in entries:
+        (figs / f"{e['name']}.png").write_bytes(b"")
+    readme = [p for p in tables.tables_stage(profile, results, tmp_path / "t") if p.name == "README.md"][0].read_text()
+    scatter, dynamics = readme.index("### Clean vs AutoAttack accuracy"), readme.index("### Training dynamics")
+    assert scatter < readme.index("(../figures/clean_vs_autoattack_digits.png)") < dynamics
+    assert dynamics < readme.index("(../figures/dynamics_digits_jem_s0.png)")

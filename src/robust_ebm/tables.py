@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import report
 from .models import architecture_name
 from .papers import METHODS, load_paper_records  # noqa: F401 (tables.METHODS: one owner, papers.py)
 
@@ -480,6 +481,22 @@ def to_html(table: Table) -> str:
 # --------------------------------------------------------------------------- the stage
 
 
+def _figure_index(figures_dir: Path, pngs: list[Path]) -> list[str]:
+    """Links to the figures, one section per kind (as in the Snakemake report), from figures.json."""
+    listing = figures_dir / "figures.json"
+    if not listing.is_file():
+        return [f"- [{p.stem}](../figures/{p.name})" for p in pngs]
+    names = {p.stem for p in pngs}
+    entries = [e for e in json.loads(listing.read_text())["figures"] if e["name"] in names]
+    sections = {**{k: c.removeprefix("Figures: ") for k, c in report.FIGURE_CATEGORIES.items()},
+                **{e["kind"]: f"other ({e['kind']})" for e in entries if e["kind"] not in report.FIGURE_CATEGORIES}}
+    lines = []
+    for kind, title in sections.items():
+        links = [f"- [{e['name']}](../figures/{e['name']}.png)" for e in entries if e["kind"] == kind]
+        lines += [f"### {title[0].upper() + title[1:]}", "", *links, ""] if links else []
+    return lines
+
+
 def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
     """Write <out>/<paper>_<table>.{md,csv,tex} for every paper table, and <out>/README.md."""
     from .runtime import atomic_write_text
@@ -505,6 +522,6 @@ def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
               f"Seeds: {profile_cfg.seeds}. {protocol_text(profile_cfg)}", "",
               "| paper | table | files | rows | cells of ours with a number |", "|---|---|---|---|---|", *index,
               "", "## Figures", ""]
-    readme += [f"- [{p.stem}](../figures/{p.name})" for p in figures] or ["(no figures found)"]
+    readme += _figure_index(figures_dir, figures) or ["(no figures found)"]
     written.append(atomic_write_text(out_dir / "README.md", "\n".join(readme) + "\n"))
     return written
