@@ -214,7 +214,7 @@ def attack_histogram_panels(sets: dict[str, dict[str, np.ndarray]], attacks: lis
             for a in block:
                 adv = sets[a][kind]
                 panels[f"{label}, {labels[a]}"] = (label, {"clean": sets["clean"][kind][: len(adv)],
-                                                                 "adversarial": adv})
+                                                           "adversarial": adv})
             panels.update({f"empty {kind} {start} {i}": None for i in range(cols - len(block))})
     return panels, cols
 
@@ -256,8 +256,7 @@ def plot_dynamics(dynamics: dict[str, list], title: str, *, colour: str = "#0000
         y = series(key)
         ok = np.isfinite(y)
         panel_title, ylabel = dynamics_label(key, divergence_attack)
-        ax.plot(epochs[ok], y[ok], marker="o", markersize=3, color=colour,
-                label="mean over the epoch")
+        ax.plot(epochs[ok], y[ok], marker="o", markersize=3, color=colour, label="mean over the epoch")
         base = key[: -len("/mean")] if key.endswith("/mean") else key[: -len("_mean")] if key.endswith("_mean") else key
         for suffix in _SPREAD:
             if base + suffix in dynamics:
