@@ -195,7 +195,7 @@ def test_figures_stage_draws_a_column_for_each_listed_attack_present(results, tm
 
     def spy(sets, attacks, **kw):
         fig = real(sets, attacks, **kw)
-        drawn[kw["title"].split(": ")[1].split(",")[0]] = (attacks, len(fig.axes))
+        drawn[kw["title"].split("(")[1].split(")")[0]] = (attacks, len(fig.axes))  # '...: JEAT (jeat), ...' 
         return fig
 
     monkeypatch.setattr(figures, "plot_attack_histograms", spy)
@@ -291,8 +291,10 @@ def test_histogram_sets_keep_their_colour_in_every_panel():
     seen = {}
     for ax in fig.axes:
         for patch, text in zip(ax.get_legend().get_patches(), ax.get_legend().get_texts()):
-            seen.setdefault(text.get_text().split(" (n ")[0], set()).add(to_hex(patch.get_facecolor()))
-    assert all(len(c) == 1 for c in seen.values()) and len({c.pop() for c in seen.values()}) == 4
+            colour = patch.get_facecolor() if patch.get_fill() else patch.get_edgecolor()
+            seen.setdefault(text.get_text().split(" (n ")[0], set()).add(to_hex(colour))
+    assert all(c == {style.set_colour(name).lower()} for name, c in seen.items()) and len(seen) == 4
+    assert len({c.pop() for c in seen.values()}) == 4
     assert style.set_colour("clean") == style.SET_COLOURS["clean"] != style.set_colour("adversarial (APGD-T)")
     generators = load_params(ROOT / "params.yaml").generation.generators
     assert set(generators) == set(style.GENERATOR_COLOURS)  # every generator of params has its own colour

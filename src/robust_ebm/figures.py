@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .models import load_classifier
 from .papers import PublishedPoint, published_accuracy_points
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
-from .style import EXTERNAL_COLOUR, EXTERNAL_MARKERS, dynamics_label, method_style, set_colour
+from .style import EXTERNAL_COLOUR, EXTERNAL_MARKERS, dynamics_label, method_style, set_draw
 
 def save_figure(fig: Figure, out_dir: Path, name: str, formats=("png", "pdf")) -> list[Path]:
     """Write `name`.<format> for each format atomically; return their paths."""
@@ -151,10 +152,10 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         rng, auto = _hist_range(sets.values(), range_)
         panel_bins = _bins_for(sets, bins)
-        for name, values in sets.items():  # a set's colour is fixed by its name (style.set_colour), in every panel
+        for name, values in sets.items():  # a set's colour is fixed by its name (style.set_draw), in every panel
             values = np.asarray(values, dtype=float)
             outside = int(np.sum((values < rng[0]) | (values > rng[1])))
-            ax.hist(values, bins=panel_bins, range=rng, alpha=0.5, color=set_colour(name), histtype="stepfilled",
+            ax.hist(values, bins=panel_bins, range=rng, **set_draw(name),
                     label=f"{name} (n {len(values)}, mean {np.nanmean(values):.2f}"
                           + (f", {outside} outside the axis)" if outside else ")"))
         ax.set_title(panel + (" [range from data]" if auto else ""), fontsize=8 if n_cols > 4 else 10)
@@ -380,7 +381,7 @@ def plot_accuracy_scatter(points: dict[str, list[tuple[float, float]]], title: s
                                         label=f"{name} [{', '.join(_short_source(t) for t in p.sources)}]"))
         if p.ours in means:
             ax.plot([means[p.ours][0], p.clean], [means[p.ours][1], p.autoattack], color=colour,
-                    linestyle="--", linewidth=0.8, alpha=0.7, zorder=1)
+                    linestyle="--", linewidth=0.8, alpha=0.5, zorder=1)
     ax.set(xlabel="clean accuracy (%)", ylabel="AutoAttack accuracy (%)")
     ax.grid(alpha=0.3)
     fig.legend(handles=ours_handles, loc="outside right upper", fontsize=7, title_fontsize=8,
@@ -390,7 +391,7 @@ def plot_accuracy_scatter(points: dict[str, list[tuple[float, float]]], title: s
                    title="published (hollow; dashed line: from ours to the paper's value of the same method)")
     fig.suptitle(title)
     if published_note:
-        ax.set_title(published_note, fontsize=7, wrap=True)
+        ax.set_title("\n".join(textwrap.wrap(published_note, 110)), fontsize=7)
     return fig
 
 
@@ -482,8 +483,9 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
         entries = eval_entries(json.loads(eval_json.read_text())) if eval_json.is_file() else {}
         labels = {a: attack_label(a, entries.get(a)) for a in hc.attacks}
         if "clean" in sets and attacks:
-            record.add(plot_attack_histograms(sets, attacks, bins=hc.bins, range_=hc.range, labels=labels,
-                                              title=f"Energies of clean vs adversarial test images: {method}, {dataset}, seed {seed}"),
+            title = (f"Energies of clean vs adversarial test images: {method_style(method).label} ({method}), "
+                     f"{dataset}, seed {seed}")
+            record.add(plot_attack_histograms(sets, attacks, bins=hc.bins, range_=hc.range, labels=labels, title=title),
                        f"energy_hist_attacks_{dataset}_{method}_s{seed}", "energy_histograms",
                        [eval_npz] + ([eval_json] if entries else []), dataset=dataset, method=method, seed=seed)
         gen_npz = results_dir / "metrics" / dataset / method / f"s{seed}.energies.npz"

@@ -84,6 +84,13 @@ GENERATOR_COLOURS = {"jeat_eq17": OKABE_ITO["bluish_green"], "jeat_eq16": OKABE_
 RESERVE_COLOURS = ("#999933", "#882255", "#44AA99", "#DDCC77", "#117733", "#AA4499")  # Tol 'muted'
 
 
+def set_draw(name: str) -> dict:
+    """Matplotlib `hist` style of a set: clean and adversarial filled, generated sets as outlines on top."""
+    filled = name.partition(" (")[0] in SET_COLOURS
+    return ({"histtype": "stepfilled", "alpha": 0.5} if filled else {"histtype": "step", "linewidth": 1.6}) | {
+        "color": set_colour(name)}
+
+
 def set_colour(name: str) -> str:
     """The fixed colour of a histogram set: 'clean', 'adversarial[ (attack)]', 'generated[ (<generator>)]'.
 
@@ -126,13 +133,13 @@ def dynamics_label(key: str, divergence_attack: str = "PGD") -> tuple[str, str]:
         if energy in ENERGIES:
             e = ENERGIES[energy]
             if probe == "dx":
-                return (f"Δx {e('x')} = {e('x_adv')} − {e('x')}  (attack step, θ fixed)",
+                return (f"Δx {e('x')} = {e('x_adv')} − {e('x')}, θ fixed",
                         f"Δx {e('x')} [{ENERGY_UNIT}]")
             if probe == "dtheta":
-                return (f"Δθ {e('x')} = {e('x_adv')} after − before the update",
+                return (f"Δθ {e('x')} at x_adv: after − before the update",
                         f"Δθ {e('x')} [{ENERGY_UNIT}]")
     if group == "weat" and name.startswith("dE_") and "E_" + name[len("dE_"):] in ENERGIES:
         e = ENERGIES["E_" + name[len("dE_"):]]
-        return (f"WEAT Δ{e('x')} = {e('x')} − {e('x*')}, x* = {divergence_attack} (fixed training subset)",
+        return (f"WEAT Δ{e('x')} = {e('x')} − {e('x*')}, x* = {divergence_attack}",
                 f"Δ{e('x')} [{ENERGY_UNIT}]")
     return key, "value"
