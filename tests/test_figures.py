@@ -334,7 +334,8 @@ def test_figures_stage_names_attacks_by_their_settings_and_groups_the_report(res
         assert set(report.figure_labels(out, entry["name"])) == {"figure", "data set", "method", "seed"}
     assert report.figure_subcategory(out, "dynamics_digits_jeat_s0") == "digits: jeat"
     assert report.figure_subcategory(out, "clean_vs_autoattack_digits") == "digits: all methods"
-    assert report.figure_category(out, "dynamics_digits_jeat_s0") == "Figures: training dynamics"
+    assert report.figure_category(out, "dynamics_digits_jeat_s0") == "Figures – training dynamics"
+    assert not any(":" in c for c in [*report.FIGURE_CATEGORIES.values(), report.TABLE_CATEGORY])  # RST targets
     with pytest.raises(KeyError, match="not listed"):
         report.figure_entry(out, "nothing")
     smk = (ROOT / "workflow" / "rules" / "summary.smk").read_text()

@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# figures.json "kind" -> report category, in reading order
-FIGURE_CATEGORIES = {
-    "accuracy_scatter": "Figures: clean vs AutoAttack accuracy",
-    "energy_histograms": "Figures: energy histograms",
-    "landscape": "Figures: energy landscapes",
-    "dynamics": "Figures: training dynamics",
-    "samples": "Figures: generated samples",
-    "nearest_ssim": "Figures: nearest training images (SSIM)",
+# figures.json "kind" -> what the figures show, in reading order; the report category is
+# "Figures – <that>" (no colon: Snakemake turns each category into an RST link target, cut at ':')
+FIGURE_KINDS = {
+    "accuracy_scatter": "clean vs AutoAttack accuracy",
+    "energy_histograms": "energy histograms",
+    "landscape": "energy landscapes",
+    "dynamics": "training dynamics",
+    "samples": "generated samples",
+    "nearest_ssim": "nearest training images (SSIM)",
 }
-TABLE_CATEGORY = "Tables: paper vs ours"
+FIGURE_CATEGORIES = {kind: f"Figures – {what}" for kind, what in FIGURE_KINDS.items()}
+TABLE_CATEGORY = "Tables – paper vs ours"
 ALL_RUNS = "all methods"
 
 

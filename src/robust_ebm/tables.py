@@ -488,7 +488,7 @@ def _figure_index(figures_dir: Path, pngs: list[Path]) -> list[str]:
         return [f"- [{p.stem}](../figures/{p.name})" for p in pngs]
     names = {p.stem for p in pngs}
     entries = [e for e in json.loads(listing.read_text())["figures"] if e["name"] in names]
-    sections = {**{k: c.removeprefix("Figures: ") for k, c in report.FIGURE_CATEGORIES.items()},
+    sections = {**report.FIGURE_KINDS,
                 **{e["kind"]: f"other ({e['kind']})" for e in entries if e["kind"] not in report.FIGURE_CATEGORIES}}
     lines = []
     for kind, title in sections.items():
