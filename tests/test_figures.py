@@ -243,6 +243,8 @@ def test_a_method_looks_the_same_in_every_figure_and_profile():
     everyone = {m: [(0.5, 0.2)] for m in style.METHOD_STYLES}
     few = {"jem": [(0.6, 0.3)], "standard": [(0.9, 0.0)]}
     a, b = figures.plot_accuracy_scatter(everyone, "t"), figures.plot_accuracy_scatter(few, "t")
+    shuffled = figures.plot_accuracy_scatter(dict(reversed(everyone.items())), "t")
+    assert [t.get_text() for t in shuffled.legends[0].get_texts()] == [t.get_text() for t in a.legends[0].get_texts()]
     jem = style.method_style("jem")
     assert _mean_marker(a, jem.label) == _mean_marker(b, jem.label)
     assert _mean_marker(a, jem.label)[0] == jem.colour.lower()

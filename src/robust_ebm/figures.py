@@ -36,7 +36,7 @@ from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .models import load_classifier
 from .papers import PublishedPoint, published_accuracy_points
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
-from .style import EXTERNAL_COLOUR, EXTERNAL_MARKERS, dynamics_label, method_style, set_draw
+from .style import EXTERNAL_COLOUR, EXTERNAL_MARKERS, METHOD_STYLES, dynamics_label, method_style, set_draw
 
 def save_figure(fig: Figure, out_dir: Path, name: str, formats=("png", "pdf")) -> list[Path]:
     """Write `name`.<format> for each format atomically; return their paths."""
@@ -361,7 +361,9 @@ def plot_accuracy_scatter(points: dict[str, list[tuple[float, float]]], title: s
     ax = fig.add_subplot()
     ours_handles, paper_handles = [], []
     means = {}
-    for method, pairs in points.items():
+    order = list(METHOD_STYLES)  # the legend lists methods by family, in every profile the same way
+    by_family = sorted(points.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    for method, pairs in by_family:
         st = method_style(method)
         arr = 100 * np.asarray(pairs, dtype=float)
         mean = means[method] = arr.mean(0)
