@@ -82,7 +82,8 @@ def _sets(rng, attacks, n_clean=40, n_adv=10):
 
 def test_attack_histograms_have_one_panel_column_per_attack_and_rows_E_x_E_xy(tmp_path):
     sets = _sets(np.random.default_rng(0), WEAT_FIG2)
-    fig = figures.plot_attack_histograms(sets, WEAT_FIG2, bins=20, range_=(-40, 20), title="t")
+    labels = {"pgd": "PGD-20"}
+    fig = figures.plot_attack_histograms(sets, WEAT_FIG2, bins=20, range_=(-40, 20), title="t", labels=labels)
     assert len(fig.axes) == 2 * len(WEAT_FIG2)
     assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(4, 4)}  # 8 attacks: 2 blocks of 4
     titles = [ax.get_title() for ax in fig.axes]
@@ -94,7 +95,7 @@ def test_attack_histograms_have_one_panel_column_per_attack_and_rows_E_x_E_xy(tm
                                          title="t")
     slots = {ax.get_title().split(" [")[0]: ax.get_subplotspec().get_geometry() for ax in fig.axes}
     assert len(slots) == 22 and {g[:2] for g in slots.values()} == {(4, 6)}
-    for a in ("PGD-20", "Square", "energy_attack", "autoattack"):
+    for a in ("PGD", "Square", "E(x,y) attack, PGD", "AutoAttack"):  # no eval entries: names without settings
         above, below = slots[f"E(x), {a}"][2], slots[f"E(x, y), {a}"][2]
         assert below == above + 6, a
     paths = figures.save_figure(fig, tmp_path, "weat_fig2")
@@ -128,8 +129,10 @@ def results(tmp_path, monkeypatch):
                                                        "E_x/clean/var": [0.1, 0.2]}))
         ev = r / "eval" / "digits" / method
         ev.mkdir(parents=True)
-        (ev / "s0.json").write_text(json.dumps({"columns": {"clean": {"accuracy": 0.9 - i / 10},
-                                                            "autoattack": {"accuracy": 0.1 + i / 5}}}))
+        (ev / "s0.json").write_text(json.dumps({"columns": {"clean": {"accuracy": 0.9 - i / 10, "steps": 0},
+                                                            "pgd": {"accuracy": 0.2, "steps": 2, "objective": "ce"},
+                                                            "autoattack": {"accuracy": 0.1 + i / 5, "steps": None}},
+                                                "histogram_attacks": {"apgd_t": {"steps": 10}, "cw_linf": {"steps": 2}}}))
         np.savez(ev / "s0.energies.npz", labels=np.zeros(6), clean_marginal=rng.normal(-5, 1, 6),
                  clean_joint=rng.normal(-3, 1, 6), pgd_marginal=rng.normal(-6, 1, 6), pgd_joint=rng.normal(2, 1, 6))
         (r / "metrics" / "digits" / method).mkdir(parents=True)
@@ -142,7 +145,8 @@ def results(tmp_path, monkeypatch):
     cfg = FiguresConfig.model_validate({"landscape": {"grid": 5, "radius": 0.5, "n_images": 1},
                                         "samples": {"n_per_class": 3}, "nearest": {"n_images": 2, "k": 3}})
     profile = SimpleNamespace(name="smoke", figures=cfg, run_datasets=["digits"], seeds=[0], device="cpu",
-                              methods_for=lambda d: ["standard", "jeat"])
+                              methods_for=lambda d: ["standard", "jeat"], table_datasets={"CIFAR-10": "digits"},
+                              training=SimpleNamespace(val_pgd=SimpleNamespace(steps=2)))
     return profile, r
 
 
@@ -191,7 +195,7 @@ def test_figures_stage_draws_a_column_for_each_listed_attack_present(results, tm
 
     def spy(sets, attacks, **kw):
         fig = real(sets, attacks, **kw)
-        drawn[kw["title"].split(": ")[1].split(",")[0]] = (attacks, len(fig.axes))
+        drawn[kw["title"].split("(")[1].split(")")[0]] = (attacks, len(fig.axes))  # '...: JEAT (jeat), ...' 
         return fig
 
     monkeypatch.setattr(figures, "plot_attack_histograms", spy)
@@ -200,3 +204,142 @@ def test_figures_stage_draws_a_column_for_each_listed_attack_present(results, tm
     profile.figures = profile.figures.model_copy(update={"formats": ["png"]})
     figures.figures_stage(profile, r, tmp_path / "figs")
     assert drawn == {"standard": (["pgd", "apgd_t", "cw_l2"], 6), "jeat": (["pgd"], 2)}
+
+
+# ----------------------------------------------------------------------------- style, names, report
+
+from matplotlib.colors import to_hex  # noqa: E402
+
+from robust_ebm import papers, report, style  # noqa: E402
+from robust_ebm.config import load_params  # noqa: E402
+from repo_copy import ROOT  # noqa: E402
+
+
+def test_every_method_has_a_distinct_colour_blind_safe_style():
+    methods = list(load_params(ROOT / "params.yaml").methods)
+    assert set(style.METHOD_STYLES) == set(methods) and len(methods) == 18
+    styles = [style.method_style(m) for m in methods]
+    assert len({s.colour for s in styles}) == 18 and len({(s.colour, s.marker) for s in styles}) == 18
+    assert len({s.label for s in styles}) == 18
+    rgb = lambda h: np.array([int(h[i:i + 2], 16) / 255 for i in (1, 3, 5)])  # noqa: E731
+    gaps = [np.linalg.norm(rgb(a.colour) - rgb(b.colour)) for i, a in enumerate(styles) for b in styles[i + 1:]]
+    assert min(gaps) > 0.15  # no two methods a near-identical colour
+    for family, members in {s.family: [t for t in styles if t.family == s.family] for s in styles}.items():
+        assert len({s.marker for s in members}) == len(members), family  # the marker tells a family apart
+    hues = {style.OKABE_ITO[hue] for hue, _ in style.FAMILIES.values()}
+    assert hues <= set(style.OKABE_ITO.values())
+    with pytest.raises(KeyError, match="no figure style; add it to robust_ebm.style.FAMILIES"):
+        style.method_style("new_method")
+
+
+def _mean_marker(fig, label):
+    """(facecolour hex, marker path vertices) of the legend-labelled mean marker of a method."""
+    coll = next(c for c in fig.axes[0].collections if c.get_label().startswith(label + " (n="))
+    return to_hex(coll.get_facecolor()[0]), coll.get_paths()[0].vertices.round(6).tolist()
+
+
+def test_a_method_looks_the_same_in_every_figure_and_profile():
+    """Stable: the style depends on the method's name only, not on which other methods a profile runs."""
+    everyone = {m: [(0.5, 0.2)] for m in style.METHOD_STYLES}
+    few = {"jem": [(0.6, 0.3)], "standard": [(0.9, 0.0)]}
+    a, b = figures.plot_accuracy_scatter(everyone, "t"), figures.plot_accuracy_scatter(few, "t")
+    shuffled = figures.plot_accuracy_scatter(dict(reversed(everyone.items())), "t")
+    assert [t.get_text() for t in shuffled.legends[0].get_texts()] == [t.get_text() for t in a.legends[0].get_texts()]
+    jem = style.method_style("jem")
+    assert _mean_marker(a, jem.label) == _mean_marker(b, jem.label)
+    assert _mean_marker(a, jem.label)[0] == jem.colour.lower()
+    dyn = figures.plot_dynamics({"epoch": [1, 2], "E_x/clean/mean": [1.0, 2.0]}, "t", colour=jem.colour)
+    assert to_hex(dyn.axes[0].get_lines()[0].get_color()) == jem.colour.lower()
+
+
+def test_published_points_are_hollow_labelled_and_linked_to_ours():
+    points = papers.published_accuracy_points("CIFAR-10")
+    sada = [p for p in points if p.method == "EB-JDAT-SADAJEM"]
+    assert {(p.clean, p.autoattack) for p in sada} == {(90.37, 66.12), (90.39, 66.3)}  # same pair in 2 tables: 1 point
+    assert next(p for p in sada if p.clean == 90.39).sources == ("EBJDAT Tab3_generated_data_AT", "EBJDAT Tab5_unified")
+    assert not any("w=" in p.method for p in points)  # weight ablations are not methods
+    assert {p.ours for p in points} >= {"jem", "jempp", "sadajem", "jeat", None}
+    jem_paper = next(p for p in points if p.ours == "jem")
+    awp = next(p for p in points if p.method == "AWP")
+    fig = figures.plot_accuracy_scatter({"jem": [(0.5, 0.1), (0.7, 0.3)]}, "t", [jem_paper, awp], "note")
+    ax = fig.axes[0]
+    hollow = {c.get_label(): c for c in ax.collections if c.get_facecolor().size == 0 or c.get_facecolor()[0][3] == 0}
+    assert set(hollow) == {"JEM [EBJDAT Tab5]", "AWP [EBJDAT Tab2]"}
+    assert to_hex(hollow["JEM [EBJDAT Tab5]"].get_edgecolor()[0]) == style.method_style("jem").colour.lower()
+    assert to_hex(hollow["AWP [EBJDAT Tab2]"].get_edgecolor()[0]) == style.EXTERNAL_COLOUR.lower()
+    link = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(link) == 1 and np.allclose(link[0].get_xydata(), [[60.0, 20.0], [jem_paper.clean, jem_paper.autoattack]])
+    legend_texts = {t.get_text() for legend in fig.legends for t in legend.get_texts()}
+    assert {"JEM (n=2)", "JEM [EBJDAT Tab5]", "AWP [EBJDAT Tab2]"} <= legend_texts
+    assert not ax.texts  # names live in the legends, never as overlapping text on the axes
+
+
+def test_attack_names_come_from_the_settings_that_ran():
+    assert figures.attack_label("pgd", {"steps": 2}) == "PGD-2"
+    assert figures.attack_label("pgd", {"steps": 20}) == "PGD-20"
+    assert figures.attack_label("pgd", None) == "PGD"  # no entry: no made-up step count
+    assert figures.attack_label("cw_linf", {"steps": 2}) == "CW-Linf PGD-2"
+    assert figures.attack_label("apgd_t", {"steps": 10}) == "APGD-T, 10 iter."
+    assert figures.attack_label("square", {"steps": 100}) == "Square, 100 queries"
+    assert figures.attack_label("ebjdat_scale", {"steps": 2, "eps_pixel": 4 / 255}) == "PGD-2 at ε 4/255 (EB-JDAT scale)"
+
+
+def test_histogram_sets_keep_their_colour_in_every_panel():
+    rng = np.random.default_rng(0)
+    panels = {"a": ("E", {"clean": rng.normal(size=50), "adversarial (PGD-2)": rng.normal(size=50)}),
+              "b": ("E", {"generated (jem_buffer)": rng.normal(size=50), "clean": rng.normal(size=50)}),
+              "c": ("E", {"adversarial (PGD-2)": rng.normal(size=50), "generated (jeat_eq17)": rng.normal(size=50)})}
+    fig = figures.plot_energy_histograms(panels, bins=10, range_=(-3, 3), title="t")
+    seen = {}
+    for ax in fig.axes:
+        for patch, text in zip(ax.get_legend().get_patches(), ax.get_legend().get_texts()):
+            colour = patch.get_facecolor() if patch.get_fill() else patch.get_edgecolor()
+            seen.setdefault(text.get_text().split(" (n ")[0], set()).add(to_hex(colour))
+    assert all(c == {style.set_colour(name).lower()} for name, c in seen.items()) and len(seen) == 4
+    assert len({c.pop() for c in seen.values()}) == 4
+    assert style.set_colour("clean") == style.SET_COLOURS["clean"] != style.set_colour("adversarial (APGD-T)")
+    generators = load_params(ROOT / "params.yaml").generation.generators
+    assert set(generators) == set(style.GENERATOR_COLOURS)  # every generator of params has its own colour
+    assert len(set(style.GENERATOR_COLOURS.values()) | set(style.SET_COLOURS.values())) == len(generators) + 2
+    assert style.set_colour("generated (new_one)") == style.set_colour("generated (new_one)") in style.RESERVE_COLOURS
+    with pytest.raises(KeyError, match="has no colour"):
+        style.set_colour("denoised")
+
+
+def test_dynamics_panels_have_readable_titles_and_units():
+    keys = ["E_x/clean/mean", "E_xy/adv/mean", "E_x/sgld/mean", "jeat/dx_E_xy/mean", "jeat/dtheta_E_x/mean",
+            "weat/dE_x", "weat/dE_xy"]
+    for key in keys:
+        title, ylabel = style.dynamics_label(key, "PGD-2")
+        assert key not in title and "/" not in title.replace("8/255", "") and ylabel.endswith("[logit units]"), key
+    assert "x* = PGD-2" in style.dynamics_label("weat/dE_x", "PGD-2")[0]
+    dyn = {"epoch": [1, 2], **{k: [0.1, 0.2] for k in keys}}
+    fig = figures.plot_dynamics(dyn, "t", divergence_attack="PGD-2")
+    assert [ax.get_title() for ax in fig.axes] == [style.dynamics_label(k, "PGD-2")[0] for k in keys]
+
+
+def test_figures_stage_names_attacks_by_their_settings_and_groups_the_report(results, tmp_path, monkeypatch):
+    profile, r = results
+    for other in ("_landscapes", "_samples"):  # not under test here: keep it fast
+        monkeypatch.setattr(figures, other, lambda *a, **k: None)
+    profile.figures = profile.figures.model_copy(update={"formats": ["png"]})
+    titles = []
+    real = figures.plot_energy_histograms
+    monkeypatch.setattr(figures, "plot_energy_histograms",
+                        lambda panels, **kw: titles.extend(panels) or real(panels, **kw))
+    out = tmp_path / "figs"
+    figures.figures_stage(profile, r, out)
+    assert "E(x), PGD-2" in titles and not any("PGD-20" in t for t in titles)
+    listing = json.loads((out / "figures.json").read_text())["figures"]
+    for entry in listing:
+        assert report.figure_category(out, entry["name"]) in report.FIGURE_CATEGORIES.values()
+        assert set(report.figure_labels(out, entry["name"])) == {"figure", "data set", "method", "seed"}
+    assert report.figure_subcategory(out, "dynamics_digits_jeat_s0") == "digits: jeat"
+    assert report.figure_subcategory(out, "clean_vs_autoattack_digits") == "digits: all methods"
+    assert report.figure_category(out, "dynamics_digits_jeat_s0") == "Figures – training dynamics"
+    assert not any(":" in c for c in [*report.FIGURE_CATEGORIES.values(), report.TABLE_CATEGORY])  # RST targets
+    with pytest.raises(KeyError, match="not listed"):
+        report.figure_entry(out, "nothing")
+    smk = (ROOT / "workflow" / "rules" / "summary.smk").read_text()
+    assert 'patterns=["{name}.html"]' in smk and "report_groups.figure_category(output[0], wildcards.name)" in smk
+    assert report.table_subcategory("EBJDAT_Tab2_sota_at_cifar10") == "EBJDAT"

@@ -40,7 +40,7 @@ def test_tables_link_to_the_profile_and_hold_every_paper_table(run):
         groups.setdefault(f"{r['paper']}_{r['table_id']}", []).append(r)
     numbers = 0
     for name, recs in groups.items():
-        for suffix in ("md", "csv", "tex"):
+        for suffix in ("md", "csv", "tex", "html"):
             assert (link / f"{name}.{suffix}").is_file(), f"{name}.{suffix}"
         rows = list(csv.DictReader(io.StringIO((link / f"{name}.csv").read_text())))
         assert len(rows) == len({(r["dataset"], r["method"], str(r.get("architecture"))) for r in recs})

@@ -112,11 +112,11 @@ def test_missing_results_are_named(profile, tmp_path):
     assert reason.startswith("missing eval/digits/trades/s0.json")
 
 
-def test_stage_writes_every_table_in_three_formats(profile, results, tmp_path):
+def test_stage_writes_every_table_in_four_formats(profile, results, tmp_path):
     out = tmp_path / "tables"
     files = tables.tables_stage(profile, results, out)
     groups = {(r["paper"], r["table_id"]) for r in tables.load_paper_records()}
-    assert len(files) == 3 * len(groups) + 1 and (out / "README.md").is_file()
+    assert len(files) == 4 * len(groups) + 1 and (out / "README.md").is_file()
     for paper, table_id in groups:
         name = f"{paper}_{table_id}"
         recs = [r for r in tables.load_paper_records() if (r["paper"], r["table_id"]) == (paper, table_id)]
@@ -126,7 +126,7 @@ def test_stage_writes_every_table_in_three_formats(profile, results, tmp_path):
             for metric in {r["metric"] for r in recs}:
                 assert line[f"{metric}_ours_mean"] or line[f"{metric}_reason"], (name, metric)
                 assert line[f"{metric}_diff"] == ""  # smoke's digits never diff against the papers' data
-        tex = (out / f"{name}.tex").read_text()
+        tex = "".join(line for line in (out / f"{name}.tex").read_text().splitlines(True) if not line.startswith("%"))
         body = re.sub(r"\\[a-zA-Z]+|\\[_%&#${}]|\$\\pm\$|\$\\to\$", "", tex)
         assert not re.search(r"[_%&#]", body.replace("&", "")), name  # specials are escaped
         assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
@@ -144,3 +144,72 @@ def test_every_paper_method_and_metric_is_mapped():
     assert {r["method"] for r in records} <= set(tables.METHODS)
     assert {r["metric"] for r in records} <= set(tables.METRICS)
     assert {k for k, _ in tables.METHODS.values() if k} <= set(load_params(ROOT / "params.yaml").methods)
+
+
+def _texts(table):
+    """Every distinct non-numeric text of the metric and notes cells (what must become a footnote)."""
+    n = len(tables.LABEL_COLUMNS)
+    return {c for r in table.rows for c in tables._cells(table, r)[n:]
+            if c not in ("", "-") and not tables._NUMBER.fullmatch(c)}
+
+
+def test_reasons_are_footnotes_once_each_and_cells_stay_short(profile, results):
+    t = build("JEAT_Tab3", profile, results)   # external baselines, unknown values, stand-in data set
+    reasons = _texts(t)
+    assert len(reasons) >= 4
+    md = tables.to_markdown(t)
+    body = [line for line in md.splitlines() if line.startswith("| CIFAR-10")]
+    notes = [line for line in md.splitlines() if line.startswith("[^")]
+    assert len(body) == len(t.rows) and len(notes) == len(reasons)   # one footnote per distinct reason
+    assert {line.split("]: ", 1)[1] for line in notes} == reasons
+    assert not any(reason in line for line in body for reason in reasons)  # cells hold marks, not texts
+    cells = [c.strip() for line in body for c in line.strip("|").split("|")]
+    assert max(len(re.sub(r"\[\^\d+\]", "", c)) for c in cells) <= 25  # labels, numbers or '–'
+    glow = next(line for line in body if "| Glow |" in line)
+    external = next(i for i, line in enumerate(notes, 1) if line.endswith(f"]: {tables.EXTERNAL}"))
+    assert glow.count(f"–[^{external}]") == 2  # both 'ours' cells of an external baseline point at one note
+    csv_line = next(r for r in csv.DictReader(io.StringIO(tables.to_csv(t))) if r["method"] == "Glow")
+    assert csv_line["clean_accuracy_reason"] == tables.EXTERNAL   # the CSV keeps the full text
+
+
+def test_latex_is_booktabs_with_grouped_headers_and_table_notes(profile, results):
+    t = build("JEAT_Tab3", profile, results)
+    tex = tables.to_latex(t)
+    lines = tex.splitlines()
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
+        assert lines.count(rule) == 1, rule
+    assert r"\hline" not in tex and r"\caption{" in tex and r"\label{tab:JEAT-Tab3}" in tex
+    assert lines.index(r"\toprule") < lines.index(r"\midrule") < lines.index(r"\bottomrule")
+    spec = re.search(r"\\begin\{tabular\}\{(\w+)\}", tex).group(1)
+    groups = [m for m in t.metrics if m in tables.METRICS]
+    assert spec == "llll" + "rrr" * len(groups) + "l"       # numbers right-aligned, texts left
+    assert tex.count(r"\multicolumn{3}{c}") == len(groups) and tex.count(r"\cmidrule(lr)") == len(groups)
+    assert r"\multicolumn{3}{c}{Clean acc. (\%)}" in tex
+    items = re.findall(r"^\\item\[(\d+)\] (.*)$", tex, flags=re.M)
+    assert [int(n) for n, _ in items] == list(range(1, len(_texts(t)) + 1))
+    assert {int(n) for n in re.findall(r"\\tnote\{(\d+)\}", tex)} == set(range(1, len(items) + 1))
+    header_row = next(line for line in lines if line.startswith("data set &"))
+    assert header_row.count("&") == len(spec) - 1
+    assert all(line.count(" & ") == len(spec) - 1 for line in lines if line.startswith("CIFAR-10 &"))
+    assert r"\begin{threeparttable}" in tex and r"\end{tablenotes}" in tex
+
+
+def test_html_version_shows_grouped_headers_and_numbered_notes(profile, results):
+    t = build("JEAT_Tab3", profile, results)
+    html = tables.to_html(t)
+    assert html.count('<th colspan="3">') == len([m for m in t.metrics if m in tables.METRICS])
+    assert html.count("<li id=") == len(_texts(t)) and html.count("<tr>") == len(t.rows) + 2
+
+
+def test_readme_lists_the_figures_by_kind(profile, results, tmp_path):
+    figs = results / "figures"
+    figs.mkdir()
+    entries = [{"name": "dynamics_digits_jem_s0", "kind": "dynamics"}, {"name": "clean_vs_autoattack_digits",
+                                                                        "kind": "accuracy_scatter"}]
+    (figs / "figures.json").write_text(json.dumps({"figures": entries}))
+    for e in entries:
+        (figs / f"{e['name']}.png").write_bytes(b"")
+    readme = [p for p in tables.tables_stage(profile, results, tmp_path / "t") if p.name == "README.md"][0].read_text()
+    scatter, dynamics = readme.index("### Clean vs AutoAttack accuracy"), readme.index("### Training dynamics")
+    assert scatter < readme.index("(../figures/clean_vs_autoattack_digits.png)") < dynamics
+    assert dynamics < readme.index("(../figures/dynamics_digits_jem_s0.png)")

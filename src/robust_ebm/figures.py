@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import io
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
@@ -33,7 +35,9 @@ from .energy import joint_energy, marginal_energy
 from .files import load_npz
 from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .models import load_classifier
+from .papers import PublishedPoint, published_accuracy_points
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
+from .style import EXTERNAL_COLOUR, EXTERNAL_MARKERS, METHOD_STYLES, dynamics_label, method_style, set_draw
 
 def save_figure(fig: Figure, out_dir: Path, name: str, formats=("png", "pdf")) -> list[Path]:
     """Write `name`.<format> for each format atomically; return their paths."""
@@ -135,14 +139,13 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
                            range_: tuple[float, float], title: str, max_cols: int = 4,
                            panel_size: tuple[float, float] = (3.8, 3.0)) -> Figure:
     """Overlaid histograms, one panel per entry of `panels` = {panel title: (x label, {set name: energies})}
-    in row-major order; an entry None leaves its slot empty.
+    in row-major order; an entry None leaves its slot empty. Set names are those of `style.set_colour`.
 
     `range_` is used unless it does not fit the values (`_hist_range`; the panel then says "range from data");
     `bins` is capped at n/5 of the panel's smallest set (`_bins_for`; the y label gives the count used).
     """
     n_rows, n_cols = _panel_grid(len(panels), max_cols)
     fig = Figure(figsize=(panel_size[0] * n_cols, panel_size[1] * n_rows), layout="constrained")
-    colors = ["tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink"]
     for i, (panel, entry) in enumerate(panels.items()):
         if entry is None:  # an empty slot that keeps the next row aligned
             continue
@@ -150,10 +153,10 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         rng, auto = _hist_range(sets.values(), range_)
         panel_bins = _bins_for(sets, bins)
-        for color, (name, values) in zip(colors, sets.items()):
+        for name, values in sets.items():  # a set's colour is fixed by its name (style.set_draw), in every panel
             values = np.asarray(values, dtype=float)
             outside = int(np.sum((values < rng[0]) | (values > rng[1])))
-            ax.hist(values, bins=panel_bins, range=rng, alpha=0.5, color=color, histtype="stepfilled",
+            ax.hist(values, bins=panel_bins, range=rng, **set_draw(name),
                     label=f"{name} (n {len(values)}, mean {np.nanmean(values):.2f}"
                           + (f", {outside} outside the axis)" if outside else ")"))
         ax.set_title(panel + (" [range from data]" if auto else ""), fontsize=8 if n_cols > 4 else 10)
@@ -164,19 +167,46 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
     return fig
 
 
-def attack_label(name: str) -> str:
-    """WEAT Fig.2's name of an evaluate column or histogram attack (the column name when it has none)."""
-    return {"pgd": "PGD-20", **HISTOGRAM_ATTACK_LABELS}.get(name, name)
+_PGD_NAMES = {"pgd": "PGD-{steps}", "energy_attack": "E(x,y) attack, PGD-{steps}", "eot": "EOT PGD-{steps}",
+              "ebjdat_scale": "PGD-{steps} at ε {eps}/255 (EB-JDAT scale)", "pgd_kl": "TRADES-KL PGD-{steps}",
+              "cw_linf": "CW-Linf PGD-{steps}"}
+_ITERATIVE = {"apgd_ce", "apgd_t", "apgd_dlr", "fab_t"}
+
+
+def attack_label(name: str, entry: dict | None) -> str:
+    """The name of an evaluate column or histogram attack with the settings that ran, read from its entry in
+    the eval JSON ("columns" or "histogram_attacks"): 'PGD-2' in smoke, 'PGD-20' in the paper profile.
+    Without an entry (an eval JSON from before the entries existed) the name carries no step count."""
+    steps = (entry or {}).get("steps")
+    if name == "autoattack":
+        return "AutoAttack"
+    if name in _PGD_NAMES:
+        if not steps:
+            return _PGD_NAMES[name].replace("-{steps}", "").format(eps="?")
+        return _PGD_NAMES[name].format(steps=steps, eps=f"{entry.get('eps_pixel', float('nan')) * 255:.3g}")
+    label = HISTOGRAM_ATTACK_LABELS.get(name, name).split(" (")[0]
+    if steps and name in _ITERATIVE:
+        return f"{label}, {steps} iter."
+    if steps and name == "square":
+        return f"{label}, {steps} queries"
+    return label
+
+
+def eval_entries(eval_json: dict) -> dict[str, dict]:
+    """{column or histogram attack: its entry} of an eval JSON."""
+    return {**(eval_json.get("histogram_attacks") or {}), **(eval_json.get("columns") or {})}
 
 
 def attack_histogram_panels(sets: dict[str, dict[str, np.ndarray]], attacks: list[str],
-                            per_row: int = 6) -> tuple[dict, int]:
+                            per_row: int = 6, labels: dict[str, str] | None = None) -> tuple[dict, int]:
     """Panels of WEAT Fig.2 and the number of columns: for each block of up to `per_row` attacks,
     a row E(x) over a row E(x,y), one column per attack, clean vs adversarial (None = empty slot).
 
     Every attack ran on the first n evaluated images (n = its own length), so the clean
-    histogram of its panel is drawn from those same n images.
+    histogram of its panel is drawn from those same n images. `labels`: attack -> panel name
+    (`attack_label` of its eval JSON entry; default: the name without settings).
     """
+    labels = {a: (labels or {}).get(a) or attack_label(a, None) for a in attacks}
     blocks = -(-len(attacks) // per_row)
     cols = -(-len(attacks) // blocks)  # balanced: 8 attacks -> 2 blocks of 4, 11 -> 6 and 5
     panels: dict = {}
@@ -185,19 +215,19 @@ def attack_histogram_panels(sets: dict[str, dict[str, np.ndarray]], attacks: lis
         for kind, label in (("E_x", "E(x)"), ("E_xy", "E(x, y)")):
             for a in block:
                 adv = sets[a][kind]
-                panels[f"{label}, {attack_label(a)}"] = (label, {"clean": sets["clean"][kind][: len(adv)],
-                                                                 "adversarial": adv})
+                panels[f"{label}, {labels[a]}"] = (label, {"clean": sets["clean"][kind][: len(adv)],
+                                                           "adversarial": adv})
             panels.update({f"empty {kind} {start} {i}": None for i in range(cols - len(block))})
     return panels, cols
 
 
 def plot_attack_histograms(sets: dict[str, dict[str, np.ndarray]], attacks: list[str], *, bins: int,
-                           range_: tuple[float, float], title: str) -> Figure:
-    """WEAT Fig.2: per block of up to 6 attacks, rows E(x) and E(x,y); clean blue, adversarial red."""
+                           range_: tuple[float, float], title: str, labels: dict[str, str] | None = None) -> Figure:
+    """WEAT Fig.2: per block of up to 6 attacks, rows E(x) and E(x,y); clean blue, adversarial vermillion."""
     missing = [a for a in ["clean", *attacks] if a not in sets]
     if missing:
         raise ValueError(f"no energies for {missing}; the evaluate stage's npz holds {sorted(sets)}")
-    panels, cols = attack_histogram_panels(sets, attacks)
+    panels, cols = attack_histogram_panels(sets, attacks, labels=labels)
     return plot_energy_histograms(panels, bins=bins, range_=range_, title=title, max_cols=cols,
                                   panel_size=(3.2, 2.6) if cols > 4 else (3.8, 3.0))
 
@@ -207,8 +237,10 @@ def plot_attack_histograms(sets: dict[str, dict[str, np.ndarray]], attacks: list
 _SPREAD = ("/var", "_var", "/std", "_std")
 
 
-def plot_dynamics(dynamics: dict[str, list], title: str) -> Figure:
-    """One panel per curve of a dynamics.json; '<k>/var' or '<k>/std' companions shade ±1 std."""
+def plot_dynamics(dynamics: dict[str, list], title: str, *, colour: str = "#000000",
+                  divergence_attack: str = "PGD") -> Figure:
+    """One panel per curve of a dynamics.json, titled and labelled by `style.dynamics_label`;
+    '<k>/var' or '<k>/std' companions shade ±1 std. `colour`: the method's colour."""
     epochs = np.asarray(dynamics.get("epoch") or range(1, 1 + max(len(v) for v in dynamics.values())), dtype=float)
 
     def series(key):
@@ -225,17 +257,22 @@ def plot_dynamics(dynamics: dict[str, list], title: str) -> Figure:
         ax = fig.add_subplot(n_rows, n_cols, i + 1)
         y = series(key)
         ok = np.isfinite(y)
-        ax.plot(epochs[ok], y[ok], marker="o", markersize=3, label="mean" if key.endswith("mean") else key)
+        panel_title, ylabel = dynamics_label(key, divergence_attack)
+        ax.plot(epochs[ok], y[ok], marker="o", markersize=3, color=colour, label="mean over the epoch")
         base = key[: -len("/mean")] if key.endswith("/mean") else key[: -len("_mean")] if key.endswith("_mean") else key
         for suffix in _SPREAD:
             if base + suffix in dynamics:
                 s = series(base + suffix)
                 std = np.sqrt(s) if "var" in suffix else s
-                ax.fill_between(epochs[ok], (y - std)[ok], (y + std)[ok], alpha=0.25, label="±1 std")
+                ax.fill_between(epochs[ok], (y - std)[ok], (y + std)[ok], alpha=0.25, color=colour, label="±1 std")
                 break
         ax.axhline(0.0, color="grey", linewidth=0.6)
-        ax.set(title=key, xlabel="epoch", ylabel="energy")
-        ax.legend(fontsize=7)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        if len(epochs) <= 10:
+            ax.set_xticks(epochs)
+        if ax.collections:  # a ±1 std band: say what the line and the band are
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     return fig
 
@@ -309,34 +346,70 @@ def plot_nearest(queries: torch.Tensor, neighbours: torch.Tensor, scores: torch.
 
 # ----------------------------------------------------------------------------- accuracy scatter (EB-JDAT Fig.1)
 
-def plot_accuracy_scatter(points: dict[str, list[tuple[float, float]]], title: str) -> Figure:
-    """Clean vs AutoAttack accuracy (%) per method: seeds as small dots, their mean as a labelled marker."""
-    fig = Figure(figsize=(5.5, 4.5))
+def _short_source(source: str) -> str:
+    """'EBJDAT Tab2_sota_at_cifar10' -> 'EBJDAT Tab2' (the table's number, as a reader looks it up)."""
+    paper, _, table = source.partition(" ")
+    return f"{paper} {table.split('_')[0]}"
+
+
+def plot_accuracy_scatter(points: dict[str, list[tuple[float, float]]], title: str,
+                          published: list[PublishedPoint] = (), published_note: str = "") -> Figure:
+    """Clean vs AutoAttack accuracy (%), EB-JDAT Fig.1: per method of ours (fractions in `points`) its seeds
+    as small dots and their mean as a filled marker; `published` points (%) hollow in the same style, a
+    dashed line from ours to the paper's value of the same method; baselines we do not train hollow grey.
+    Every marker is named in the legend beside the axes (no text over the points)."""
+    fig = Figure(figsize=(9.0, 8.0), layout="constrained")
     ax = fig.add_subplot()
-    for name, pairs in points.items():
+    ours_handles, paper_handles = [], []
+    means = {}
+    order = list(METHOD_STYLES)  # the legend lists methods by family, in every profile the same way
+    by_family = sorted(points.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
+    for method, pairs in by_family:
+        st = method_style(method)
         arr = 100 * np.asarray(pairs, dtype=float)
-        ax.scatter(arr[:, 0], arr[:, 1], s=10, alpha=0.4)
-        mean = arr.mean(0)
-        ax.scatter([mean[0]], [mean[1]], s=60, label=f"{name} (n={len(arr)})")
-        ax.annotate(name, mean, textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set(xlabel="clean accuracy (%)", ylabel="AutoAttack accuracy (%)", title=title)
+        mean = means[method] = arr.mean(0)
+        ax.scatter(arr[:, 0], arr[:, 1], s=12, alpha=0.45, color=st.colour, marker=st.marker, linewidths=0)
+        ours_handles.append(ax.scatter([mean[0]], [mean[1]], s=90, color=st.colour, marker=st.marker,
+                                       edgecolors="white", linewidths=0.6, zorder=3,
+                                       label=f"{st.label} (n={len(arr)})"))
+    external = iter(EXTERNAL_MARKERS * 3)
+    for p in published:
+        if p.ours is not None:
+            st = method_style(p.ours)
+            colour, marker, name = st.colour, st.marker, st.label
+        else:
+            colour, marker, name = EXTERNAL_COLOUR, next(external), p.method
+        paper_handles.append(ax.scatter([p.clean], [p.autoattack], s=70, facecolors="none", edgecolors=colour,
+                                        marker=marker, linewidths=1.4, zorder=2,
+                                        label=f"{name} [{', '.join(_short_source(t) for t in p.sources)}]"))
+        if p.ours in means:
+            ax.plot([means[p.ours][0], p.clean], [means[p.ours][1], p.autoattack], color=colour,
+                    linestyle="--", linewidth=0.8, alpha=0.5, zorder=1)
+    ax.set(xlabel="clean accuracy (%)", ylabel="AutoAttack accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.legend(handles=ours_handles, loc="outside right upper", fontsize=7, title_fontsize=8,
+               title="ours: mean over seeds (filled),\nseeds (small)")
+    if paper_handles:
+        fig.legend(handles=paper_handles, loc="outside lower center", fontsize=7, title_fontsize=8, ncols=3,
+                   title="published (hollow; dashed line: from ours to the paper's value of the same method)")
+    fig.suptitle(title)
+    if published_note:
+        ax.set_title("\n".join(textwrap.wrap(published_note, 110)), fontsize=7)
     return fig
 
 
 # ----------------------------------------------------------------------------- the stage
 
 class _Record:
-    """Collects written files and their inputs for figures.json."""
+    """Collects written files, their inputs and what they show (data set, method, seed) for figures.json."""
 
     def __init__(self, out_dir: Path, formats):
         self.out_dir, self.formats, self.entries, self.files = out_dir, formats, [], []
 
-    def add(self, fig: Figure, name: str, kind: str, inputs: list[Path]) -> None:
+    def add(self, fig: Figure, name: str, kind: str, inputs: list[Path], **about) -> None:
         paths = save_figure(fig, self.out_dir, name, self.formats)
         self.files += paths
-        self.entries.append({"name": name, "kind": kind, "files": [p.name for p in paths],
+        self.entries.append({"name": name, "kind": kind, **about, "files": [p.name for p in paths],
                              "inputs": [str(p) for p in inputs]})
 
 
@@ -370,10 +443,14 @@ def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
             if dyn_path.is_file():
                 dynamics = json.loads(dyn_path.read_text())
                 if len(dynamics.get("epoch", [])) > 0:
-                    record.add(plot_dynamics(dynamics, f"Energy dynamics during training: {method}, {dataset}, seed {seed}"),
-                               f"dynamics_{tag}", "dynamics", [dyn_path])
+                    divergence = f"PGD-{profile_cfg.training.val_pgd.steps}"  # WEAT ΔE's x* (training.val_pgd)
+                    title = (f"Energy dynamics during training: {method_style(method).label} ({method}), "
+                             f"{dataset}, seed {seed}")
+                    record.add(plot_dynamics(dynamics, title, colour=method_style(method).colour,
+                                             divergence_attack=divergence),
+                               f"dynamics_{tag}", "dynamics", [dyn_path], dataset=dataset, method=method, seed=seed)
             _samples(record, fc, results_dir, dataset, method, seed, splits)
-        _scatter(record, results_dir, dataset, runs)
+        _scatter(record, results_dir, dataset, runs, profile_cfg.table_datasets)
     atomic_write_json(out_dir / "figures.json", {"profile": profile_cfg.name, "figures": record.entries})
     return record.files + [out_dir / "figures.json"]
 
@@ -393,7 +470,7 @@ def _landscapes(record, fc, results_dir, dataset, methods, seed, splits, device)
             title = (f"{'E(x,y)' if kind == 'E_xy' else 'E(x)'} around test image {i} (class {splits.classes[int(y0)]}), "
                      f"{dataset}, seed {seed}; plane radius {lc.radius:.3g} (L2)")
             record.add(plot_landscapes(panels, kind, title), f"landscape_{word}_{dataset}_img{i}", "landscape",
-                       list(models.values()) + [results_dir / "data" / dataset])
+                       list(models.values()) + [results_dir / "data" / dataset], dataset=dataset, seed=seed)
 
 
 def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
@@ -405,16 +482,21 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
             continue
         sets = _energy_sets(eval_npz)
         attacks = [a for a in hc.attacks if a in sets]
+        eval_json = eval_npz.with_name(f"s{seed}.json")
+        entries = eval_entries(json.loads(eval_json.read_text())) if eval_json.is_file() else {}
+        labels = {a: attack_label(a, entries.get(a)) for a in hc.attacks}
         if "clean" in sets and attacks:
-            record.add(plot_attack_histograms(sets, attacks, bins=hc.bins, range_=hc.range,
-                                              title=f"Energies of clean vs adversarial test images: {method}, {dataset}, seed {seed}"),
-                       f"energy_hist_attacks_{dataset}_{method}_s{seed}", "energy_histograms", [eval_npz])
+            title = (f"Energies of clean vs adversarial test images: {method_style(method).label} ({method}), "
+                     f"{dataset}, seed {seed}")
+            record.add(plot_attack_histograms(sets, attacks, bins=hc.bins, range_=hc.range, labels=labels, title=title),
+                       f"energy_hist_attacks_{dataset}_{method}_s{seed}", "energy_histograms",
+                       [eval_npz] + ([eval_json] if entries else []), dataset=dataset, method=method, seed=seed)
         gen_npz = results_dir / "metrics" / dataset / method / f"s{seed}.energies.npz"
         if "clean" in sets:
             col = {"clean": sets["clean"]["E_xy"]}
             if hc.attacks[0] in sets:
-                col[f"adversarial ({hc.attacks[0]})"] = sets[hc.attacks[0]]["E_xy"]
-            inputs = [eval_npz]
+                col[f"adversarial ({labels[hc.attacks[0]]})"] = sets[hc.attacks[0]]["E_xy"]
+            inputs = [eval_npz] + ([eval_json] if entries else [])
             if gen_npz.is_file():
                 for name, gen in _energy_sets(gen_npz).items():
                     col[f"generated ({name})"] = gen["E_xy"]
@@ -422,11 +504,11 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
             if len(col) > 1:
                 per_seed.setdefault(seed, {})[method] = (col, inputs)
     for seed, by_method in per_seed.items():
-        panels = {m: ("E(x, y)", col) for m, (col, _) in by_method.items()}
+        panels = {f"{method_style(m).label} ({m})": ("E(x, y)", col) for m, (col, _) in by_method.items()}
         record.add(plot_energy_histograms(panels, bins=hc.bins, range_=hc.range,
                                           title=f"E(x, y) of clean, adversarial and generated images, {dataset}, seed {seed}"),
                    f"energy_hist_clean_adv_gen_{dataset}_s{seed}", "energy_histograms",
-                   [p for _, inputs in by_method.values() for p in inputs])
+                   [p for _, inputs in by_method.values() for p in inputs], dataset=dataset, seed=seed)
 
 
 def _samples(record, fc, results_dir, dataset, method, seed, splits) -> None:
@@ -440,16 +522,17 @@ def _samples(record, fc, results_dir, dataset, method, seed, splits) -> None:
         tag = f"{dataset}_{method}_s{seed}_{npz.stem}"
         record.add(plot_sample_grid(images, labels, fc.samples.n_per_class, classes,
                                     f"Samples '{npz.stem}' of {method} ({dataset}, seed {seed}), one row per class"),
-                   f"samples_{tag}", "samples", [npz])
+                   f"samples_{tag}", "samples", [npz], dataset=dataset, method=method, seed=seed)
         if splits is not None and (fc.nearest.generators == "all" or npz.stem in fc.nearest.generators):
             queries = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[: fc.nearest.n_images]]
             idx, scores = nearest_by_ssim(queries, splits.train.images, fc.nearest.k)
             record.add(plot_nearest(queries, splits.train.images[idx], scores,
                                     f"'{npz.stem}' samples of {method} and their {fc.nearest.k} nearest training images (SSIM)"),
-                       f"nearest_ssim_{tag}", "nearest_ssim", [npz, results_dir / "data" / dataset])
+                       f"nearest_ssim_{tag}", "nearest_ssim", [npz, results_dir / "data" / dataset],
+                       dataset=dataset, method=method, seed=seed)
 
 
-def _scatter(record, results_dir, dataset, runs) -> None:
+def _scatter(record, results_dir, dataset, runs, table_datasets: dict[str, str]) -> None:
     points, inputs = {}, []
     for method, seed in runs:
         path = results_dir / "eval" / dataset / method / f"s{seed}.json"
@@ -460,6 +543,12 @@ def _scatter(record, results_dir, dataset, runs) -> None:
         if clean is not None and aa is not None:
             points.setdefault(method, []).append((clean, aa))
             inputs.append(path)
-    if points:
-        record.add(plot_accuracy_scatter(points, f"Clean vs AutoAttack accuracy, {dataset}"),
-                   f"clean_vs_autoattack_{dataset}", "accuracy_scatter", inputs)
+    if not points:
+        return
+    paper_sets = [p for p, ours in table_datasets.items() if ours == dataset]  # profile.table_datasets
+    published = [pt for name in paper_sets for pt in published_accuracy_points(name)]
+    note = (f"Published: {', '.join(paper_sets)} as reported (the papers' networks and budgets); ours: {dataset}. "
+            "Where the data set or network differs, compare positions, not values." if paper_sets else
+            f"No published points: no paper data set maps to {dataset} in the profile's table_datasets.")
+    record.add(plot_accuracy_scatter(points, f"Clean vs AutoAttack accuracy, {dataset}", published, note),
+               f"clean_vs_autoattack_{dataset}", "accuracy_scatter", inputs, dataset=dataset)

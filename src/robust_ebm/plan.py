@@ -83,8 +83,9 @@ CODE = {
                  "src/robust_ebm/histogram_attacks.py"),
     "generate": ("src/robust_ebm/generate.py", "src/robust_ebm/sampling.py"),
     "metrics": ("src/robust_ebm/metrics",),
-    "figures": ("src/robust_ebm/figures.py", "src/robust_ebm/histogram_attacks.py"),
-    "tables": ("src/robust_ebm/tables.py",),
+    "figures": ("src/robust_ebm/figures.py", "src/robust_ebm/histogram_attacks.py", "src/robust_ebm/style.py",
+                "src/robust_ebm/papers.py", "src/robust_ebm/resources/paper_tables.yaml"),
+    "tables": ("src/robust_ebm/tables.py", "src/robust_ebm/papers.py", "src/robust_ebm/resources/paper_tables.yaml"),
 }
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -14,39 +14,15 @@ import csv
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import report
 from .models import architecture_name
+from .papers import METHODS, load_paper_records  # noqa: F401 (tables.METHODS: one owner, papers.py)
 
-# Paper method name -> (our method key | None, note). None: an external baseline we do not train.
-METHODS: dict[str, tuple[str | None, str]] = {
-    "standard_training": ("standard", ""), "Normal": ("standard", ""),
-    "AT": ("pgd_at", ""), "AT (original robust classifier)": ("pgd_at", ""),
-    "SAT": ("pgd_at", ""), "SAT (Madry)": ("pgd_at", ""), "adversarial_training": ("pgd_at", ""),
-    "TRADES": ("trades", ""), "MART": ("mart", ""), "MAIL-TR": ("mail_tr", ""),
-    "noise_injection_sigma_8_over_255": ("noise_8", ""),
-    "noise_injection_sigma_16_over_255": ("noise_16", ""),
-    "noise_injection_sigma_24_over_255": ("noise_24", ""),
-    "JEAT": ("jeat", ""), "JEM": ("jem", ""), "JEM++": ("jempp", ""), "SADA-JEM": ("sadajem", ""),
-    "JEM-family": ("jem", "EB-JDAT's 'JEM-family' row compared with our jem"),
-    "WEAT_nat": ("weat_nat", ""), "WEAT_adv": ("weat_adv", ""),
-    "WEAT": ("weat_adv", "the paper does not name the WEAT variant; compared with weat_adv"),
-    "WEAT (best generation setting)": ("weat_adv", "compared with weat_adv"),
-    "WEAT(IF) informative-init sampling": ("weat_adv", "informative (PCA) init: our weat_momentum generator"),
-    "EB-JDAT-JEM++": ("ebjdat_jempp", ""), "EB-JDAT-SADAJEM": ("ebjdat_sadajem", ""),
-    "EB-JDAT": ("ebjdat_jempp", "Fig.5 ablation of EB-JDAT-JEM++"),
-    **{f"EB-JDAT-JEM++ w={w}": (None, "weight ablation of EB-JDAT-JEM++, not in params.yaml (add a method "
-                                "with these weights to reproduce it)") for w in ("(0,0,1)", "(0,1,1)", "(1,0.5,1)", "(1,1,1)")},
-    "SAT/TRADES analysis": (None, "analysis setting, not a trained model"),
-    "all other rows": (None, "rows not recovered from the paper"),
-    **{name: (None, "") for name in ("AWP", "Better DM (Wang et al. 2023)", "DHAT-CFA", "GAIR-RST", "Glow",
-                                     "Gowal et al. 2021", "IGEBM", "IKL", "LAS-AT", "LAS-AWP", "SCORE")},
-}
 EXTERNAL = "external baseline, not reproduced"
 
 # Paper metric -> (our file 'eval'|'metrics', dotted JSON path, scale) or (None, reason, None).
@@ -105,11 +81,6 @@ DEFAULT_GENERATOR = "jeat_eq16"  # JEAT Fig.4: the "original" generation of a cl
 PAPER_DATASET_STANDIN = {"sklearn_digits": "smoke stand-in"}
 # Architectures the papers' rows name exactly; a row that states one is only diffed against the same.
 KNOWN_ARCHITECTURES = {"WRN-28-10", "WRN-34-10", "ResNet-18", "PreAct ResNet-18"}
-
-
-def load_paper_records() -> list[dict]:
-    text = resources.files("robust_ebm").joinpath("resources/paper_tables.yaml").read_text()
-    return yaml.safe_load(text)["records"]
 
 
 @dataclass
@@ -385,12 +356,84 @@ def _cells(table: Table, row: dict) -> list[str]:
     return out + [row["notes"] or "-"]
 
 
-def to_markdown(table: Table) -> str:
+# Column headers of the human-readable versions (md, tex, html); the CSV keeps the metric keys.
+METRIC_LABELS = {
+    "clean_accuracy": "Clean acc. (%)", "accuracy_no_attack": "No attack (%)",
+    "accuracy_normal_attack_CE": "CE attack (%)", "accuracy_energy_attack_Exy": "E(x,y) attack (%)",
+    "robust_accuracy_PGD20": "PGD acc. (%)", "robust_accuracy_PGD20_eps8": "PGD acc., ε 8/255 (%)",
+    "robust_accuracy_AA": "AutoAttack acc. (%)", "IS": "IS", "FID": "FID", "JFS": "JFS", "MFS": "MFS",
+    "IS_refclf": "IS, ref. classifier", "FID_refclf": "FID, ref. classifier",
+    "mean_energy_gap_clean_vs_PGD20": "Energy gap clean→PGD",
+    "mean_energy_gap_clean_vs_generated": "Energy gap clean→generated",
+    "robust_accuracy_claimed": "Claimed robust acc. (%)", "gpu_hours": "GPU hours", "epochs": "Epochs",
+    "extra_generated_images": "Extra generated images", "collapse_epoch": "Collapse epoch",
+    "best_adv_sampling_steps": "Best adv. sampling steps",
+    "E_x_high_energy_threshold": "E(x) high threshold", "E_x_low_energy_threshold": "E(x) low threshold",
+}
+LABEL_COLUMNS = ("data set", "method", "architecture", "ours (data set/method)")
+_SUBCOLUMNS = ("paper", "ours", "diff")
+_NUMBER = re.compile(r"-?\d+(\.\d+)?( ± \d+(\.\d+)?)?")
+NO_VALUE = "–"  # a cell without a number; its footnote says why
+
+
+@dataclass
+class Rendered:
+    """A table as the readers see it: short cells, every reason once as a numbered footnote.
+
+    groups: (header, sub-headers) per column group, the label columns first and the notes last;
+    rows:   per row, (text, footnote numbers) per column; notes: footnote n is notes[n - 1].
+    """
+
+    groups: list[tuple[str, list[str]]]
+    rows: list[list[tuple[str, list[int]]]]
+    notes: list[str]
+
+
+def render(table: Table) -> Rendered:
+    """Split `_cells` into short text and footnotes: a metric cell that is not a number shows NO_VALUE and a
+    footnote with its reason; the notes column shows footnote marks only. Equal texts share one footnote."""
     cols = _columns(table)
+    groups: list[tuple[str, list[str]]] = [(c, [""]) for c in cols[:len(LABEL_COLUMNS)]]
+    for col in cols[len(LABEL_COLUMNS):-1]:
+        metric, _, sub = col.rpartition(" ")
+        metric, sub = (metric, sub) if sub in _SUBCOLUMNS else (col, "")
+        header = METRIC_LABELS.get(metric, metric)
+        if groups[-1][0] == header and len(groups) > len(LABEL_COLUMNS):
+            groups[-1][1].append(sub)
+        else:
+            groups.append((header, [sub]))
+    groups.append((cols[-1], [""]))
+    notes: list[str] = []
+
+    def note(text: str) -> int:
+        if text not in notes:
+            notes.append(text)
+        return notes.index(text) + 1
+
+    rows = []
+    for r in table.rows:
+        cells = _cells(table, r)
+        if len(cells) != len(cols):
+            raise ValueError(f"table {table.name}: {len(cells)} cells for {len(cols)} columns")
+        out = [(c, []) for c in cells[:len(LABEL_COLUMNS)]]
+        for c in cells[len(LABEL_COLUMNS):-1]:
+            out.append((c, []) if _NUMBER.fullmatch(c) else (NO_VALUE, [note(c)]))
+        out.append(("", [] if cells[-1] in ("", "-") else [note(cells[-1])]))
+        rows.append(out)
+    return Rendered(groups, rows, notes)
+
+
+def to_markdown(table: Table) -> str:
+    """GitHub Markdown: one header row, reasons as footnotes [^n] under the table."""
+    rendered = render(table)
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
-    lines = [f"### {table.name}", "", table.caption, "", "| " + " | ".join(cols) + " |",
-             "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(esc(c) for c in _cells(table, r)) + " |" for r in table.rows]
+    header = [g if not sub else f"{g} {sub}" for g, subs in rendered.groups for sub in subs]
+    lines = [f"### {table.name}", "", table.caption, "", "| " + " | ".join(esc(h) for h in header) + " |",
+             "|" + "".join("---|" if i < len(LABEL_COLUMNS) or i == len(header) - 1 else "--:|"
+                           for i in range(len(header)))]
+    for row in rendered.rows:
+        lines.append("| " + " | ".join(esc(text) + "".join(f"[^{n}]" for n in marks) for text, marks in row) + " |")
+    lines += [""] + [f"[^{n}]: {esc(text)}" for n, text in enumerate(rendered.notes, 1)]
     return "\n".join(lines) + "\n"
 
 
@@ -417,7 +460,8 @@ def to_csv(table: Table) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "→": r"$\to$", ">": r"\textgreater{}", "<": r"\textless{}"}
+                  "±": r"$\pm$", "→": r"$\to$", ">": r"\textgreater{}", "<": r"\textless{}",
+                  "–": "--", "−": r"$-$", "ε": r"$\varepsilon$", "σ": r"$\sigma$", "Δ": r"$\Delta$"}
 
 
 def latex_escape(text: str) -> str:
@@ -425,17 +469,79 @@ def latex_escape(text: str) -> str:
 
 
 def to_latex(table: Table) -> str:
-    cols = _columns(table)
-    lines = [r"\begin{table}[t]", r"\centering", r"\scriptsize",
-             rf"\caption{{{latex_escape(table.caption)}}}", rf"\label{{tab:{latex_escape(table.name)}}}",
-             r"\begin{tabular}{" + "l" * len(cols) + "}", r"\hline",
-             " & ".join(latex_escape(c) for c in cols) + r" \\", r"\hline"]
-    lines += [" & ".join(latex_escape(c) for c in _cells(table, r)) + r" \\" for r in table.rows]
-    lines += [r"\hline", r"\end{tabular}", r"\end{table}"]
+    """booktabs + threeparttable: grouped headers (\\multicolumn, \\cmidrule), numbers right-aligned,
+    reasons as \\tnote footnotes under the table."""
+    rendered = render(table)
+    spec = "".join("l" if not subs[0] and (i < len(LABEL_COLUMNS) or i == len(rendered.groups) - 1) else "r" * len(subs)
+                   for i, (_, subs) in enumerate(rendered.groups))
+    top, sub, rules, col = [], [], [], 1
+    for header, subs in rendered.groups:
+        if subs == [""]:
+            top.append("")
+            sub.append(latex_escape(header))
+        else:
+            top.append(rf"\multicolumn{{{len(subs)}}}{{c}}{{{latex_escape(header)}}}")
+            sub += [latex_escape(x) for x in subs]
+            rules.append(rf"\cmidrule(lr){{{col}-{col + len(subs) - 1}}}")
+        col += len(subs)
+    body = [" & ".join(latex_escape(text) + "".join(rf"\tnote{{{n}}}" for n in marks) for text, marks in row) + r" \\"
+            for row in rendered.rows]
+    lines = [r"% needs \usepackage{booktabs,threeparttable}", r"\begin{table}[t]", r"\centering", r"\scriptsize",
+             r"\begin{threeparttable}", rf"\caption{{{latex_escape(table.caption)}}}",
+             rf"\label{{tab:{table.name.replace('_', '-')}}}", r"\begin{tabular}{" + spec + "}", r"\toprule",
+             " & ".join(top) + r" \\", " ".join(rules), " & ".join(sub) + r" \\", r"\midrule", *body,
+             r"\bottomrule", r"\end{tabular}"]
+    if rendered.notes:
+        lines += [r"\begin{tablenotes}", r"\scriptsize",
+                  *[rf"\item[{n}] {latex_escape(text)}" for n, text in enumerate(rendered.notes, 1)],
+                  r"\end{tablenotes}"]
+    lines += [r"\end{threeparttable}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
+def to_html(table: Table) -> str:
+    """A self-contained HTML page of the table (what the Snakemake report shows inline)."""
+    from html import escape
+
+    rendered = render(table)
+    top, sub = [], []
+    for header, subs in rendered.groups:
+        if subs == [""]:
+            top.append(f'<th rowspan="2">{escape(header)}</th>')
+        else:
+            top.append(f'<th colspan="{len(subs)}">{escape(header)}</th>')
+            sub += [f"<th>{escape(x)}</th>" for x in subs]
+    marks = lambda ns: "".join(f'<sup><a href="#n{n}">{n}</a></sup>' for n in ns)  # noqa: E731
+    body = ["<tr>" + "".join(f'<td class="{"num" if i >= len(LABEL_COLUMNS) else "lab"}">{escape(text)}{marks(ns)}</td>'
+                             for i, (text, ns) in enumerate(row)) + "</tr>" for row in rendered.rows]
+    notes = [f'<li id="n{n}">{escape(text)}</li>' for n, text in enumerate(rendered.notes, 1)]
+    style = ("body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse} "
+             "th,td{padding:2px 6px;border-bottom:1px solid #ccc} td.num{text-align:right} "
+             "thead{border-top:2px solid #000;border-bottom:1px solid #000} tbody{border-bottom:2px solid #000}")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html><head><meta charset="utf-8">', f"<title>{escape(table.name)}</title>",
+        f"<style>{style}</style></head><body>", f"<h3>{escape(table.name)}</h3>", f"<p>{escape(table.caption)}</p>",
+        "<table><thead>", "<tr>" + "".join(top) + "</tr>", "<tr>" + "".join(sub) + "</tr>", "</thead><tbody>",
+        *body, "</tbody></table>", "<ol>", *notes, "</ol>", "</body></html>"]) + "\n"
+
+
 # --------------------------------------------------------------------------- the stage
+
+
+def _figure_index(figures_dir: Path, pngs: list[Path]) -> list[str]:
+    """Links to the figures, one section per kind (as in the Snakemake report), from figures.json."""
+    listing = figures_dir / "figures.json"
+    if not listing.is_file():
+        return [f"- [{p.stem}](../figures/{p.name})" for p in pngs]
+    names = {p.stem for p in pngs}
+    entries = [e for e in json.loads(listing.read_text())["figures"] if e["name"] in names]
+    sections = {**report.FIGURE_KINDS,
+                **{e["kind"]: f"other ({e['kind']})" for e in entries if e["kind"] not in report.FIGURE_CATEGORIES}}
+    lines = []
+    for kind, title in sections.items():
+        links = [f"- [{e['name']}](../figures/{e['name']}.png)" for e in entries if e["kind"] == kind]
+        lines += [f"### {title[0].upper() + title[1:]}", "", *links, ""] if links else []
+    return lines
 
 
 def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
@@ -452,8 +558,8 @@ def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
     written, index = [], []
     for (paper, table_id), recs in groups.items():
         table = build_table(paper, table_id, recs, profile_cfg, results, notes)
-        for suffix, render in ((".md", to_markdown), (".csv", to_csv), (".tex", to_latex)):
-            written.append(atomic_write_text(out_dir / f"{table.name}{suffix}", render(table)))
+        for suffix, writer in ((".md", to_markdown), (".csv", to_csv), (".tex", to_latex), (".html", to_html)):
+            written.append(atomic_write_text(out_dir / f"{table.name}{suffix}", writer(table)))
         n_ours = sum(1 for r in table.rows for c in r["ours"].values() if c.reason is None)
         index.append(f"| {paper} | {table_id} | [md]({table.name}.md) [csv]({table.name}.csv) "
                      f"[tex]({table.name}.tex) | {len(table.rows)} | {n_ours} |")
@@ -463,6 +569,6 @@ def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
               f"Seeds: {profile_cfg.seeds}. {protocol_text(profile_cfg)}", "",
               "| paper | table | files | rows | cells of ours with a number |", "|---|---|---|---|---|", *index,
               "", "## Figures", ""]
-    readme += [f"- [{p.stem}](../figures/{p.name})" for p in figures] or ["(no figures found)"]
+    readme += _figure_index(figures_dir, figures) or ["(no figures found)"]
     written.append(atomic_write_text(out_dir / "README.md", "\n".join(readme) + "\n"))
     return written

@@ -1,12 +1,18 @@
 # Profile-wide stages: figures and tables of results/<profile>/, and the
-# results/tables link to the active profile's tables.
+# results/tables link to the active profile's tables. The report groups figures by kind and
+# method (robust_ebm.report reads figures.json) and shows each table inline as its HTML page.
+
+from robust_ebm import report as report_groups
 
 
 rule figures:
     input: planned("figures", "inputs")
     output:
         report(directory(pattern("figures", "figures")), patterns=["{name}.png"],
-               caption="../report/figures.rst", category="Figures"),
+               caption="../report/figures.rst",
+               category=lambda wildcards, output: report_groups.figure_category(output[0], wildcards.name),
+               subcategory=lambda wildcards, output: report_groups.figure_subcategory(output[0], wildcards.name),
+               labels=lambda wildcards, output: report_groups.figure_labels(output[0], wildcards.name)),
     log: pattern("figures", "log")
     params: settings=planned("figures", "settings")
     conda: ENV
@@ -16,8 +22,10 @@ rule figures:
 rule tables:
     input: planned("tables", "inputs")
     output:
-        report(directory(pattern("tables", "tables")), patterns=["{name}.csv"],
-               caption="../report/tables.rst", category="Tables"),
+        report(directory(pattern("tables", "tables")), patterns=["{name}.html"],
+               caption="../report/tables.rst", category=report_groups.TABLE_CATEGORY,
+               subcategory=lambda wildcards: report_groups.table_subcategory(wildcards.name),
+               labels=lambda wildcards: {"table": wildcards.name}),
     log: pattern("tables", "log")
     params: settings=planned("tables", "settings")
     conda: ENV
