@@ -170,7 +170,7 @@ def plot_energy_histograms(panels: dict[str, tuple[str, dict[str, np.ndarray]]],
 _PGD_NAMES = {"pgd": "PGD-{steps}", "energy_attack": "E(x,y) attack, PGD-{steps}", "eot": "EOT PGD-{steps}",
               "ebjdat_scale": "PGD-{steps} at ε {eps}/255 (EB-JDAT scale)", "pgd_kl": "TRADES-KL PGD-{steps}",
               "cw_linf": "CW-Linf PGD-{steps}"}
-_ITERATIVE = {"apgd_ce", "apgd_t", "apgd_dlr", "fab_t"}
+_ITERATIVE = {"apgd_ce", "apgd_t", "apgd_dlr", "fab", "fab_t", "cw_l2"}
 
 
 def attack_label(name: str, entry: dict | None) -> str:
@@ -184,7 +184,7 @@ def attack_label(name: str, entry: dict | None) -> str:
         if not steps:
             return _PGD_NAMES[name].replace("-{steps}", "").format(eps="?")
         return _PGD_NAMES[name].format(steps=steps, eps=f"{entry.get('eps_pixel', float('nan')) * 255:.3g}")
-    label = HISTOGRAM_ATTACK_LABELS.get(name, name).split(" (")[0]
+    label = HISTOGRAM_ATTACK_LABELS.get(name, name)  # keeps "(untargeted)", "(not in WEAT Fig.2)", ...
     if steps and name in _ITERATIVE:
         return f"{label}, {steps} iter."
     if steps and name == "square":
