@@ -299,3 +299,52 @@ def test_command_line_refusals_are_one_line(capsys, extra, expected):
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- generate
+
+
+def test_generate_samples_from_a_torchvision_model(tmp_path, monkeypatch, torchvision_resnet18):
+    """SGLD (Eq.17), JEM++'s PYLD (through the identity stem) and targeted PGD run on a wrapped torchvision net."""
+    import robust_ebm.generate as gen_mod
+    from robust_ebm.config import GenerationConfig
+    from robust_ebm.data import Splits, TensorSplit, class_stats
+    from robust_ebm.generate import generate_stage
+
+    x_u8 = _images(16)
+    y = torch.arange(16) % CLASSES
+    split = TensorSplit(x_u8, y)
+    stats = class_stats(x_u8.float() / 255, y, CLASSES, max_rank=16)
+    monkeypatch.setattr(gen_mod, "load_prepared", lambda d: (Splits(split, split, split, list("abcd")), stats))
+    path = tmp_path / "tv.pt"
+    torch.save({"model": torchvision_resnet18.state_dict()}, path)
+    generators = {
+        "eq17": {"kind": "sgld", "init": "gaussian", "sampler": {"energy": "joint", "steps": 2, "step_size": 0.01}},
+        "pyld": {"kind": "sgld", "init": "uniform", "sampler": {"kind": "pyld", "energy": "marginal", "steps": 1}},
+        "pgd": {"kind": "targeted_pgd", "init": "gaussian",
+                "attack": {"norm": "l2", "eps": 2.0, "step": 0.5, "steps": 2, "random_start": "none",
+                           "objective": "ce", "targeted": True}}}
+    run = _run()
+    run.generation = GenerationConfig(n_per_class=2, batch_size=8, generators=generators)
+    report = generate_stage(run, tmp_path, path, tmp_path / "samples", source=ModelSource(arch="torchvision:resnet18"))
+    for name in generators:
+        assert report["generators"][name]["status"] == "ok", name
+        assert report["generators"][name]["count"] == 2 * CLASSES, name
+
+
+# ---------------------------------------------------------------- metrics
+
+from test_metrics import offline, run_files, small_inception_input  # noqa: E402,F401 - the metrics stage's fixtures
+
+
+def test_metrics_scores_a_whole_pickled_model_only_with_the_flag(run_files, offline):
+    from robust_ebm.metrics import metrics_stage
+
+    run, d = run_files  # 3 classes of 1x8x8 images; model.pt replaced by a pickled torch.nn network
+    torch.manual_seed(7)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)), d / "model.pt")
+    files = (d / "data", d / "model.pt", d / "samples", d / "refclf.pt", d / "eval.json", d / "out" / "m.json")
+    with pytest.raises(BadFileError, match="--unsafe-pickle"):
+        metrics_stage(run, *files)
+    result = metrics_stage(run, *files, source=ModelSource(unsafe_pickle=True))
+    assert result["fisher"]["n"] == 5 and len(result["generators"]["sgld"]["refclf"]) > 1
