@@ -269,6 +269,13 @@ def test_robustbench_model_from_a_local_model_directory(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "robustbench", None)  # the package not installed
     monkeypatch.setitem(sys.modules, "robustbench.utils", None)
     assert "pip install robustbench" in refused("Tiny2024Fake", source, ModelSourceError)
+    broken = tmp_path / "site" / "robustbench"  # installed, a dependency missing (robustbench 1.1.1's autoattack)
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ModuleNotFoundError('no autoattack', name='autoattack')\n")
+    monkeypatch.delitem(sys.modules, "robustbench")
+    monkeypatch.delitem(sys.modules, "robustbench.utils")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert "needs the module 'autoattack'" in refused("Tiny2024Fake", source, ModelSourceError)
 
 
 # ---------------------------------------------------------------- command line

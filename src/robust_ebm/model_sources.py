@@ -121,7 +121,8 @@ def split_head(net: nn.Module, probe: Tensor, what: str) -> tuple[nn.Module, nn.
             expected = net(probe)
     except RuntimeError as err:
         raise ModelSourceError(f"{what} cannot run on {tuple(probe.shape[1:])} images "
-                               f"({' '.join(str(err).split())[:160]}); pick an architecture for this image size") from None
+                               f"({' '.join(str(err).split())[:160]}); pick an architecture for this image size"
+                               ) from None
     parent_name, _, child = name.rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     setattr(parent, child, nn.Identity())
@@ -156,8 +157,13 @@ def _robustbench_load_model():
     try:
         from robustbench.utils import load_model
     except ImportError as err:
-        raise ModelSourceError(f"robustbench:NAME models need the robustbench package ({err}); "
-                               f"{ROBUSTBENCH_INSTALL}") from None
+        if (err.name or "robustbench").split(".")[0] == "robustbench":
+            raise ModelSourceError(f"robustbench:NAME models need the robustbench package; {ROBUSTBENCH_INSTALL}"
+                                   ) from None
+        # robustbench 1.1.1 imports `autoattack` (fra31/auto-attack), which PyPI's pyautoattack does not provide
+        raise ModelSourceError(f"robustbench is installed but cannot be imported: it needs the module '{err.name}' "
+                               f"({err}); install it as robustbench's README says (for autoattack: "
+                               "pip install git+https://github.com/fra31/auto-attack)") from None
     return load_model
 
 
@@ -166,6 +172,9 @@ def robustbench_network(name: str, model_dir, dataset: str, threat_model: str) -
 
     robustbench.utils.load_model(NAME, model_dir, dataset, threat_model) reads
     model_dir/<dataset>/<threat_model>/NAME.pt (ensembles: NAME.pt_m0.pt, NAME.pt_m1.pt, ...).
+    Checked against robustbench 1.1.1 (utils.py:106-211) with Wong2020Fast and Carmon2019Unlabeled:
+    the wrapped model's logits equal load_model's exactly. Models robustbench serves through timm's hub
+    have no such file and are refused here (offline).
     """
     if model_dir is None:
         raise ModelSourceError(f"--model robustbench:{name} needs --robustbench-dir DIR, the folder robustbench "

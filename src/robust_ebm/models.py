@@ -344,7 +344,8 @@ def _load_weights(model: nn.Module, state: dict[str, Tensor], cfg, path) -> None
     if missing or unexpected:
         raise BadFileError(
             f"{path}: state_dict keys do not match {_describe(cfg)} "
-            f"(missing {len(missing)}: {missing[:4]}; unexpected {len(unexpected)}: {unexpected[:4]}){_key_hint(given)}; "
+            f"(missing {len(missing)}: {missing[:4]}; unexpected {len(unexpected)}: {unexpected[:4]})"
+            f"{_key_hint(given)}; "
             f"{ARCH_FIX}, or rename the keys to that layout")
     own = model.state_dict()
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
