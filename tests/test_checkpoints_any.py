@@ -2,6 +2,7 @@
 TRADES WRN), DataParallel prefixes and wrappers, whole pickles (only with --unsafe-pickle) and RobustBench
 names (offline: a fake robustbench package reading a local model directory). Every refusal is one line."""
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -105,6 +106,8 @@ def test_torchvision_resnet18_state_dict_with_module_prefix_under_model_state_di
     source = ModelSource(arch="torchvision:resnet18")
     model, meta = _evaluate(tmp_path, monkeypatch, path, _normalized(net, IMAGENET_MEAN, IMAGENET_STD), source)
     assert meta["arch"] == "torchvision:resnet18" and "0.485" in meta["input_normalization"]
+    recorded = json.loads((tmp_path / "e.json").read_text())["model_source"]
+    assert recorded["arch"] == "torchvision:resnet18" and "0.485" in recorded["input_normalization"]
     # --mean/--std replace the default ImageNet statistics
     mean, std = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
     _evaluate(tmp_path, monkeypatch, path, _normalized(net, mean, std), ModelSource(arch="torchvision:resnet18",

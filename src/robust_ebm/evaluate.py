@@ -74,6 +74,8 @@ from .runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_
 
 log = logging.getLogger(__name__)
 DETERMINISTIC = "not applicable: deterministic model"
+# how the model was read (models.load_for_run's meta): foreign architecture, key layout, input normalisation
+MODEL_SOURCE_KEYS = ("source", "arch", "reference_layout", "pickled", "input_normalization")
 ENTRY_KEYS = ("n", "accuracy", "eps_pixel", "step_pixel", "steps", "objective", "protocol", "status")
 
 
@@ -283,6 +285,7 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None, source=Non
     atomic_write_bytes(energies_path, buffer.getvalue())
     result = {
         "model_path": str(model_path),
+        "model_source": {k: meta[k] for k in MODEL_SOURCE_KEYS if k in meta},
         "method": getattr(run, "method_name", None),
         "seed": run.seed,
         "n_examples": len(y),
