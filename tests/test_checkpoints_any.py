@@ -156,6 +156,15 @@ def test_kuangliu_resnet18_loads_with_arch_resnet18(tmp_path, monkeypatch):
     assert meta["reference_layout"] == "resnet18"
 
 
+def test_a_bare_state_dict_without_any_architecture_is_refused_in_one_line(tmp_path):
+    """The metrics stage's reference classifier (own_model=False) has no --arch: it must describe itself."""
+    torch.save(build_model(TINY_WRN, num_classes=CLASSES, in_channels=3, image_size=SIZE).state_dict(),
+               tmp_path / "bare.pt")
+    with pytest.raises(BadFileError) as err:
+        load_for_run(_run(), tmp_path / "bare.pt", own_model=False)
+    assert "bare.pt" in _one_line(err) and "written by the train stage" in str(err.value)
+
+
 def test_trades_wrn_layout_loads_with_a_matching_arch(tmp_path, monkeypatch):
     torch.manual_seed(2)
     ours = build_model(TINY_WRN, num_classes=CLASSES, in_channels=3, image_size=SIZE).eval()

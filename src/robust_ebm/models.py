@@ -377,7 +377,13 @@ def load_for_run(run, path: str | Path, device="cpu", *, own_model: bool = True,
         meta = {"source": f"robustbench:{name}"}
     else:
         arch = source.arch if source.arch is not None else (run.model if own_model else None)
-        model, meta = load_classifier(path, model_config=arch, unsafe_pickle=source.unsafe_pickle, **shapes)
+        try:
+            model, meta = load_classifier(path, model_config=arch, unsafe_pickle=source.unsafe_pickle, **shapes)
+        except ArchitectureRequired:
+            if arch is not None:
+                raise
+            raise ArchitectureRequired(f"{path} holds only weights and names no architecture; pass a model.pt "
+                                       "written by the train stage (it describes itself)") from None
     normalize = model_sources.normalization(source, d.channels)
     if normalize is not None:  # --mean/--std replace the network's own input normalisation
         model.normalize = normalize
@@ -454,7 +460,7 @@ def load_classifier(path: str | Path, map_location="cpu", *, model_config: Model
     else:
         missing = [k for k, v in {"model_config": model_config, **given}.items() if v is None]
         if missing:
-            raise ArchitectureRequired(f"{path} holds only weights, so its architecture must be given (--arch): pass "
+            raise ArchitectureRequired(f"{path} holds only weights, so its architecture must be given: pass "
                              f"{', '.join(missing)} (e.g. model_config=ModelConfig(arch='wrn', depth=28, "
                              "width=10), num_classes=10, in_channels=3, image_size=32)")
         cfg, shapes = model_config, given
