@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 USER_ERRORS = {"ConfigError", "DataUnavailableError", "InceptionWeightsUnavailable", "InceptionWeightsNotFound",
-               "BadFileError", "FileNotFoundError", "InputsMissing", "TrainingDiverged"}
+               "BadFileError", "FileNotFoundError", "InputsMissing", "TrainingDiverged", "ModelSourceError"}
 log = logging.getLogger("robust_ebm")
 
 
@@ -170,32 +170,51 @@ def cmd_train(args) -> None:
                [out / "train.json"])
 
 
+def _model_source(args):
+    """--arch, --mean/--std, --unsafe-pickle and --robustbench-* as a model_sources.ModelSource."""
+    from .config import ConfigError
+    from .model_sources import ModelSource, torchvision_name
+
+    arch = args.arch
+    if arch is not None and torchvision_name(arch) is None:
+        _, profile = _profile_config(args)
+        if arch not in profile.models:
+            raise ConfigError(f"--arch '{arch}' is neither a `models` key of {args.params} "
+                              f"({', '.join(sorted(profile.models))}) nor torchvision:NAME; pass one of those")
+        arch = profile.models[arch]
+    return ModelSource(arch=arch, mean=tuple(args.mean) if args.mean else None,
+                       std=tuple(args.std) if args.std else None, unsafe_pickle=args.unsafe_pickle,
+                       robustbench_dir=Path(args.robustbench_dir) if args.robustbench_dir else None,
+                       robustbench_dataset=args.robustbench_dataset, threat_model=args.threat_model)
+
+
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_stage
 
-    out = Path(args.out)
+    out, source = Path(args.out), _model_source(args)
     _run_stage(args, "evaluate",
-               lambda run, t: evaluate_stage(run, Path(args.data), Path(args.model), out, tracker=t), [out])
+               lambda run, t: evaluate_stage(run, Path(args.data), Path(args.model), out, tracker=t, source=source),
+               [out])
 
 
 def cmd_generate(args) -> None:
     from .generate import generate_stage
 
-    out = Path(args.out)
+    out, source = Path(args.out), _model_source(args)
     _run_stage(args, "generate",
-               lambda run, t: generate_stage(run, Path(args.data), Path(args.model), out, tracker=t),
+               lambda run, t: generate_stage(run, Path(args.data), Path(args.model), out, tracker=t, source=source),
                [out / "generate.json"])
 
 
 def cmd_metrics(args) -> None:
     from .metrics import metrics_stage
 
-    out = Path(args.out)
+    out, source = Path(args.out), _model_source(args)
     refclf = Path(args.refclf) if args.refclf else None
     evaluation = Path(args.eval) if args.eval else None
     _run_stage(args, "metrics",
                lambda run, t: metrics_stage(run, Path(args.data), Path(args.model), Path(args.samples),
-                                            refclf, evaluation, out, tracker=t), [out])
+                                            refclf, evaluation, out, tracker=t, source=source), [out])
 
 
 def _profile_stage(args, stage: str, call) -> None:
@@ -262,6 +281,34 @@ def cmd_dvc_yaml(args) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_model_options(p) -> None:
+    """--model and the options saying how to read it (robust_ebm.model_sources)."""
+    g = p.add_argument_group("classifier", "what --model holds (README: Your own classifier or data)")
+    g.add_argument("--model", required=True,
+                   help="classifier file: this project's model.pt, or a state dict (bare, or under 'state_dict', "
+                        "'model_state_dict' or 'model'; DataParallel 'module.' prefixes are stripped) of --arch; "
+                        "or robustbench:NAME (with --robustbench-dir)")
+    g.add_argument("--arch", default=None,
+                   help="architecture of a bare state dict: a `models` key of params.yaml (default: the method's; "
+                        "JEM, JEM++, SADA-JEM, TRADES WRN and kuangliu ResNet-18 key layouts are renamed), or "
+                        "torchvision:NAME (e.g. torchvision:resnet18; inputs normalised with ImageNet's mean "
+                        "0.485 0.456 0.406 and std 0.229 0.224 0.225 unless --mean/--std)")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="the network normalises [0,1] pixels as (x - mean) / std: per-channel mean (or one value); "
+                        "replaces its own normalisation; attack budgets stay in pixel units")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S", help="per-channel std, with --mean")
+    g.add_argument("--unsafe-pickle", action="store_true",
+                   help="also read a whole pickled model (torch.save(model)) with torch.load(weights_only=False). "
+                        "UNSAFE: unpickling runs any code the file holds; use only for files you trust. "
+                        "The module defining its class must be importable")
+    g.add_argument("--robustbench-dir", default=None, metavar="DIR",
+                   help="robustbench's model directory for --model robustbench:NAME (it reads "
+                        "DIR/<dataset>/<threat model>/NAME.pt; nothing is downloaded; needs `pip install robustbench`)")
+    g.add_argument("--robustbench-dataset", default=None,
+                   help="robustbench data set (default: --dataset, e.g. cifar10, cifar100)")
+    g.add_argument("--threat-model", default="Linf", help="robustbench threat model (default: Linf)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="robust-ebm", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", required=True, type=int)
             p.add_argument("--data", required=True, help="prepared data directory (the data stage's --out)")
         if model:
-            p.add_argument("--model", required=True,
-                           help="classifier file (save_classifier format); any compatible file works")
+            _add_model_options(p)
         return p
 
     p = add("check", cmd_check, "validate params.yaml and print the job plan of a profile")

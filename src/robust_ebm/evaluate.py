@@ -68,11 +68,14 @@ from .data import load_prepared
 from .energy import joint_energy, marginal_energy
 from .histogram_attacks import DIAGNOSTIC as HIST_DIAGNOSTIC
 from .histogram_attacks import ComponentUnavailable, build_component
+from .model_sources import is_model_available
 from .models import load_for_run
 from .runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 DETERMINISTIC = "not applicable: deterministic model"
+# how the model was read (models.load_for_run's meta): foreign architecture, key layout, input normalisation
+MODEL_SOURCE_KEYS = ("source", "arch", "reference_layout", "pickled", "input_normalization")
 ENTRY_KEYS = ("n", "accuracy", "eps_pixel", "step_pixel", "steps", "objective", "protocol", "status")
 
 
@@ -238,10 +241,11 @@ def _check_model_fits(model, x: Tensor, y: Tensor, model_path) -> None:
         raise ValueError(f"model {model_path} has {k} classes but the test labels reach {int(y.max())}")
 
 
-def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
-    """Evaluate one checkpoint (any file `models.load_classifier` reads) and write `out_path` JSON + energies npz."""
+def evaluate_stage(run, data_dir, model_path, out_path, tracker=None, source=None) -> dict:
+    """Evaluate one checkpoint (any file `models.load_for_run` reads with `source`, the --arch etc. options;
+    or 'robustbench:NAME') and write `out_path` JSON + energies npz."""
     model_path, out_path = Path(model_path), Path(out_path)
-    if not model_path.is_file():
+    if not is_model_available(model_path):
         raise FileNotFoundError(f"no checkpoint at {model_path}; train first or pass --model with a load_classifier-compatible file")
     if out_path.suffix != ".json":
         raise ValueError(f"--out must end in .json (got {out_path}); the energies go beside it as <name>.energies.npz")
@@ -250,7 +254,7 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
     fallbacks: list[str] = []
     device = pick_device(run.device, fallbacks)
     seed_everything(run.seed)
-    model, meta = load_for_run(run, model_path, device)
+    model, meta = load_for_run(run, model_path, device, source=source)
     x, y = _load_test(run, data_dir, ev.n_examples)
     _check_model_fits(model, x, y, model_path)
     noise_std = float(meta.get("noise_std", 0.0) or 0.0)
@@ -281,6 +285,7 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None) -> dict:
     atomic_write_bytes(energies_path, buffer.getvalue())
     result = {
         "model_path": str(model_path),
+        "model_source": {k: meta[k] for k in MODEL_SOURCE_KEYS if k in meta},
         "method": getattr(run, "method_name", None),
         "seed": run.seed,
         "n_examples": len(y),

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from .attacks import AttackConfig
 from .data import load_prepared
 from .files import BadFileError, load_torch
+from .model_sources import is_model_available
 from .models import load_for_run
 from .runtime import atomic_write_bytes, atomic_write_json, model_mode, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
@@ -267,10 +268,11 @@ def generator_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
-    """Run every generator whose `methods` list holds this run's method; skip those already on disk."""
+def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None) -> dict:
+    """Run every generator whose `methods` list holds this run's method; skip those already on disk.
+    `source`: how to read --model (models.load_for_run)."""
     model_path, out_dir = Path(model_path), Path(out_dir)
-    if not model_path.is_file():
+    if not is_model_available(model_path):
         raise FileNotFoundError(f"no checkpoint at {model_path}; train first or pass --model with a load_classifier-compatible file")
     gen_cfg = run.generation
     method = run.method_name
@@ -278,7 +280,7 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None) -> dict:
 
     fallbacks: list[str] = []
     device = pick_device(run.device, fallbacks)
-    model, meta = load_for_run(run, model_path, device)
+    model, meta = load_for_run(run, model_path, device, source=source)
     splits, stats = load_prepared(data_dir)
     shape = tuple(splits.test.images.shape[1:])
     num_classes = int(getattr(model, "num_classes", int(splits.test.labels.max()) + 1))

@@ -35,8 +35,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from . import reference_weights
-from .files import BadFileError, load_torch
+from . import model_sources, reference_weights
+from .files import BadFileError, load_torch, load_torch_unsafe
 from .runtime import atomic_torch_save
 from .schema_types import Strict
 
@@ -269,10 +269,34 @@ def _check_meta(value, where: str = "meta") -> None:
 
 CHECKPOINT_FIX = ("rerun the train stage that writes it, or pass a file written by models.save_classifier "
                   "or a state_dict")
+PICKLE_FIX = "a whole pickled model from a source you trust loads with --unsafe-pickle (which runs code from the file)"
+ARCH_FIX = ("pass the architecture the weights were trained with: --arch with a `models` key of params.yaml or "
+            "torchvision:NAME (in Python, model_config=)")
+# a `models` key of params.yaml per reference layout, for the error that asks for one
+_EXAMPLE_KEY = {"resnet18": "resnet18", "jem": "wrn28_10_jem", "jempp": "wrn28_10_jempp", "sadajem": "wrn28_10_jem",
+                "trades_wrn": "wrn34_10"}
 
 
-class ArchitectureRequired(ValueError):
+class ArchitectureRequired(BadFileError):
     """A checkpoint holds only weights: the caller must name the architecture and data shapes."""
+
+
+def _describe(cfg) -> str:
+    return cfg if isinstance(cfg, str) else f"{architecture_name(cfg)} ({cfg.model_dump(exclude_defaults=True)})"
+
+
+def wrap_network(net: nn.Module, normalize: nn.Module, *, num_classes: int, in_channels: int, image_size: int,
+                 what: str) -> Classifier:
+    """A foreign network (torchvision, RobustBench, a pickled module) as a `Classifier` reading normalize(x):
+    stem = identity, trunk = net without its last nn.Linear, fc = that layer (model_sources.split_head)."""
+    dtype = next(net.parameters()).dtype if any(True for _ in net.parameters()) else torch.float32
+    probe = torch.rand(2, in_channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    trunk, fc = model_sources.split_head(net, normalize(probe).to(dtype), what)
+    if fc.out_features != num_classes:
+        raise BadFileError(f"{what} has {fc.out_features} outputs but the data set has {num_classes} classes; "
+                           "pass a model trained on this data set")
+    return Classifier(normalize, nn.Identity(), trunk, fc, num_classes=num_classes, in_channels=in_channels,
+                      image_size=image_size)
 
 
 def save_classifier(path: str | Path, model: Classifier, cfg: ModelConfig, meta: dict) -> None:
@@ -307,34 +331,63 @@ def _user_state_dict(payload, path) -> dict[str, Tensor]:
     return state
 
 
-def _load_weights(model: Classifier, state: dict[str, Tensor], cfg: ModelConfig, path) -> None:
+def _key_hint(keys) -> str:
+    if {"conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "fc.weight"} <= set(keys):
+        return " (the keys look like a torchvision ResNet: try --arch torchvision:resnet18)"
+    return ""
+
+
+def _load_weights(model: nn.Module, state: dict[str, Tensor], cfg, path) -> None:
+    """Strict load of `state` into `model` (built from `cfg`), or one BadFileError line saying what differs."""
     expected, given = set(model.state_dict()), set(state)
     missing, unexpected = sorted(expected - given), sorted(given - expected)
     if missing or unexpected:
         raise BadFileError(
-            f"{path}: state_dict keys do not match a Classifier built from {cfg.model_dump()} "
-            f"(missing {len(missing)}: {missing[:4]}; unexpected {len(unexpected)}: {unexpected[:4]}); "
-            "pass the architecture the weights were trained with (model_config arch/depth/width/norm), "
-            "or rename the keys to this layout (normalize/stem/trunk/fc)")
+            f"{path}: state_dict keys do not match {_describe(cfg)} "
+            f"(missing {len(missing)}: {missing[:4]}; unexpected {len(unexpected)}: {unexpected[:4]})"
+            f"{_key_hint(given)}; "
+            f"{ARCH_FIX}, or rename the keys to that layout")
     own = model.state_dict()
     wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
              if v.shape != own[k].shape]
     if wrong:
-        raise BadFileError(f"{path}: tensor shapes differ from the requested architecture: {wrong[:5]}. "
-                         "Check width/depth, num_classes, in_channels.")
+        raise BadFileError(f"{path}: tensor shapes differ from {_describe(cfg)}: {wrong[:5]}. "
+                           f"Check width/depth, num_classes, in_channels; {ARCH_FIX}")
     model.load_state_dict(state)
 
 
-def load_for_run(run, path: str | Path, device="cpu", *, own_model: bool = True) -> tuple[Classifier, dict]:
+def load_for_run(run, path: str | Path, device="cpu", *, own_model: bool = True,
+                 source: model_sources.ModelSource | None = None) -> tuple[Classifier, dict]:
     """The classifier in `path` for `run` (a RunConfig) on `device`, in eval mode, parameters frozen.
 
     The file must fit the run's data set (classes, channels, image size, and the data set named in
     its meta) and, with `own_model`, the run's architecture (`run.model`); a bare state_dict takes
-    them. Anything else is refused with BadFileError before any work.
+    them. `source` (the command line's --arch, --mean/--std, --unsafe-pickle, --robustbench-*) names
+    another architecture or input normalisation, and `path` may be 'robustbench:NAME'
+    (`model_sources`). Anything else is refused with one BadFileError line before any work.
     """
     d = run.dataset
-    model, meta = load_classifier(path, device, model_config=run.model if own_model else None,
-                                  num_classes=d.num_classes, in_channels=d.channels, image_size=d.image_size)
+    shapes = {"num_classes": d.num_classes, "in_channels": d.channels, "image_size": d.image_size}
+    source = source or model_sources.ModelSource()
+    name = model_sources.robustbench_name(path)
+    if name is not None:
+        net = model_sources.robustbench_network(name, source.robustbench_dir,
+                                                source.robustbench_dataset or run.dataset_name, source.threat_model)
+        model = wrap_network(net, nn.Identity(), what=f"robustbench:{name}", **shapes)
+        meta = {"source": f"robustbench:{name}"}
+    else:
+        arch = source.arch if source.arch is not None else (run.model if own_model else None)
+        try:
+            model, meta = load_classifier(path, model_config=arch, unsafe_pickle=source.unsafe_pickle, **shapes)
+        except ArchitectureRequired:
+            if arch is not None:
+                raise
+            raise ArchitectureRequired(f"{path} holds only weights and names no architecture; pass a model.pt "
+                                       "written by the train stage (it describes itself)") from None
+    normalize = model_sources.normalization(source, d.channels)
+    if normalize is not None:  # --mean/--std replace the network's own input normalisation
+        model.normalize = normalize
+    meta["input_normalization"] = repr(model.normalize)
     trained_on = meta.get("dataset")
     if isinstance(trained_on, str) and trained_on != run.dataset_name:
         raise BadFileError(f"{path} was trained on data set '{trained_on}', not '{run.dataset_name}'; pass a "
@@ -342,38 +395,61 @@ def load_for_run(run, path: str | Path, device="cpu", *, own_model: bool = True)
     return model.to(device).eval().requires_grad_(False), meta
 
 
-def _check_reference_layout(layout: str, cfg: ModelConfig, path) -> None:
+def _check_reference_layout(layout: str, cfg, path) -> None:
     arch = "resnet18" if layout == "resnet18" else "wrn"
-    block = reference_weights.BLOCK_OF.get(layout, cfg.block)
-    if cfg.arch != arch or cfg.block != block:
-        raise ValueError(f"{path} is a '{layout}' reference checkpoint: pass model_config with arch '{arch}'"
-                         + (f" and block '{block}'" if arch == "wrn" else "")
-                         + f", not arch '{cfg.arch}', block '{cfg.block}'")
+    block = reference_weights.BLOCK_OF.get(layout, "trades")
+    if isinstance(cfg, str) or cfg.arch != arch or cfg.block != block:
+        raise BadFileError(f"{path} is a '{layout}' reference checkpoint, not {_describe(cfg)}: pass --arch with a "
+                           f"`models` key of arch '{arch}'" + (f", block '{block}'" if arch == "wrn" else "")
+                           + f" (e.g. --arch {_EXAMPLE_KEY[layout]}; in Python, model_config=)")
 
 
-def load_classifier(path: str | Path, map_location="cpu", *, model_config: ModelConfig | None = None,
+def _pickled_model(net: nn.Module, path, given: dict) -> Classifier:
+    """A whole model read with --unsafe-pickle: ours as it is, any other module wrapped (its input: [0,1] pixels)."""
+    if isinstance(net, Classifier):
+        wrong = [f"{key}={getattr(net, key)}, not {value}" for key, value in given.items()
+                 if value is not None and getattr(net, key) != value]
+        if wrong:
+            raise BadFileError(f"{path} was saved for other data ({'; '.join(wrong)}); pass a model trained "
+                               "on this data set")
+        return net
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ArchitectureRequired(f"{path} holds a pickled {type(net).__name__}: pass {', '.join(missing)}")
+    return wrap_network(net, nn.Identity(), what=f"{path} ({type(net).__name__})", **given)
+
+
+def load_classifier(path: str | Path, map_location="cpu", *, model_config: ModelConfig | str | None = None,
                     num_classes: int | None = None, in_channels: int | None = None,
-                    image_size: int | None = None) -> tuple[Classifier, dict]:
+                    image_size: int | None = None, unsafe_pickle: bool = False) -> tuple[Classifier, dict]:
     """Load a classifier in eval mode and its meta dict (torch.load with weights_only=True).
 
     A checkpoint written by `save_classifier` describes itself. A user's own
     checkpoint (only a state_dict) needs its architecture: pass model_config,
     num_classes, in_channels and image_size; meta is then {"source": path}. A checkpoint of the
     official JEM / JEM++ / SADA-JEM / TRADES / MART / MAIL code is recognised by its keys and renamed
-    (`reference_weights`); meta then also holds "reference_layout".
+    (`reference_weights`); meta then also holds "reference_layout". model_config 'torchvision:NAME'
+    builds that torchvision model (inputs normalised with ImageNet's mean/std, `model_sources`).
+    `unsafe_pickle` also reads a whole pickled model: UNSAFE, unpickling runs code from the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no classifier checkpoint at {path}")
-    payload = load_torch(path, fix=CHECKPOINT_FIX, map_location=map_location)
+    if unsafe_pickle:
+        payload = load_torch_unsafe(path, fix=CHECKPOINT_FIX, map_location=map_location)
+    else:
+        payload = load_torch(path, fix=f"{CHECKPOINT_FIX}; {PICKLE_FIX}", map_location=map_location)
     given = {"num_classes": num_classes, "in_channels": in_channels, "image_size": image_size}
+    if isinstance(payload, dict) and isinstance(payload.get("model"), nn.Module):  # {'model': net, 'epoch': ...}
+        payload = payload["model"]
+    if isinstance(payload, nn.Module):  # only torch.load(weights_only=False) returns one
+        return _pickled_model(payload, path, given).eval(), {"source": str(path), "pickled": type(payload).__name__}
 
     if isinstance(payload, dict) and "model_config" in payload and "state_dict" in payload:
         cfg = ModelConfig(**payload["model_config"])
         if model_config is not None and model_config != cfg:
-            raise BadFileError(f"{path} is a {architecture_name(cfg)} checkpoint ({cfg.model_dump(exclude_defaults=True)}), "
-                               f"not the expected {architecture_name(model_config)} "
-                               f"({model_config.model_dump(exclude_defaults=True)}); pass this run's own model file")
+            raise BadFileError(f"{path} is a {_describe(cfg)} checkpoint, not the expected {_describe(model_config)}; "
+                               "pass this run's own model file, or --arch naming its architecture")
         shapes = {k: payload[k] for k in given}
         wrong = [f"{key}={shapes[key]}, not {value}" for key, value in given.items()
                  if value is not None and value != shapes[key]]
@@ -393,6 +469,12 @@ def load_classifier(path: str | Path, map_location="cpu", *, model_config: Model
         if layout is not None:  # a checkpoint of the official code (JEM, JEM++, TRADES, kuangliu ResNet)
             _check_reference_layout(layout, cfg, path)
             state, meta["reference_layout"] = reference_weights.from_reference(state, layout), layout
+        if isinstance(cfg, str):  # torchvision:NAME
+            net = model_sources.torchvision_network(cfg, num_classes, in_channels)
+            _load_weights(net, state, cfg, path)
+            normalize = model_sources.Normalize(model_sources.IMAGENET_MEAN, model_sources.IMAGENET_STD, in_channels)
+            meta["arch"] = cfg
+            return wrap_network(net, normalize, what=f"{path} ({cfg})", **given).eval(), meta
 
     model = build_model(cfg, **shapes)
     _load_weights(model, state, cfg, path)

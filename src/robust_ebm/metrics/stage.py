@@ -30,6 +30,7 @@ import torch
 
 from ..data import load_prepared
 from ..files import BadFileError, load_npz
+from ..model_sources import is_model_available
 from ..models import load_for_run
 from ..runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
 from .buffer_protocol import top_confident_metrics
@@ -139,14 +140,16 @@ def _same_file(a, b) -> bool:
     return a.is_file() and b.is_file() and (a.resolve() == b.resolve() or a.samefile(b))
 
 
-def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path, out_path, tracker=None) -> dict:
-    """Score one run; see the module docstring for what is written."""
+def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path, out_path, tracker=None,
+                  source=None) -> dict:
+    """Score one run; see the module docstring for what is written. `source`: how to read --model
+    (models.load_for_run; the reference classifier is always a file of this project)."""
     cfg = run.metrics
     model_path, samples_dir, out_path = Path(model_path), Path(samples_dir), Path(out_path)
     eval_path = Path(eval_path) if eval_path else None
     if out_path.suffix != ".json":
         raise ValueError(f"--out must end in .json (got {out_path}); sample energies go beside it as <name>.energies.npz")
-    if not model_path.is_file():
+    if not is_model_available(model_path):
         raise FileNotFoundError(f"no checkpoint at {model_path}; train first")
     if cfg.refclf.enabled and not (refclf_path and Path(refclf_path).is_file()):
         raise FileNotFoundError(
@@ -166,7 +169,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     fallbacks: list[str] = []
     device = pick_device(run.device, fallbacks)
     seed_everything(run.seed)
-    model, _ = load_for_run(run, model_path, device)
+    model, _ = load_for_run(run, model_path, device, source=source)
     self_referenced = cfg.refclf.enabled and _same_file(refclf_path, model_path)
     refclf = None
     if cfg.refclf.enabled and not self_referenced:
