@@ -159,7 +159,7 @@ def _data_files(tree: ast.Module) -> set[Path]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and "/" in node.value \
                 and not node.value.endswith(".py") and len(node.value) < 200:
             candidate = PACKAGE_DIR / node.value
-            if ".." not in node.value and candidate.is_file():
+            if not node.value.startswith("/") and ".." not in node.value and candidate.is_file():
                 files.add(candidate)
     return files
 
