@@ -610,3 +610,66 @@ def test_family_persistent_nan_stops_with_a_clear_error_and_no_model(family, tmp
     with pytest.raises(TrainingDiverged, match=r"diverged at step \d+ .*non-finite loss.*2 retries"):
         train_splits(run, splits, stats, tmp_path)
     assert not (tmp_path / "model.pt").exists()
+
+
+# =========================================================================== interrupted Snakemake run (real jobs)
+
+INTERRUPT_METHODS = ("standard", "noise_8")
+
+
+def _model(root: Path, method: str) -> Path:
+    return root / f"results/{PROFILE}/models/digits/{method}/s0/model.pt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_interrupted_snakemake_run_then_rerun_redoes_only_unfinished_jobs(sig, tmp_path):
+    """Ctrl-C (SIGINT to the process group) or SIGKILL of everything while the first train job runs."""
+    root = copy_checkout(tmp_path / "repo")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = hermetic_env(tmp_path, PYTHONPATH=str(root / "src"), MLFLOW_TRACKING_URI=uri)
+    targets = [str(_model(root, m).relative_to(root)) for m in INTERRUPT_METHODS]
+    args = [str(Path(sys.executable).parent / "snakemake"), "--cores", "1", *targets, "--config", f"profile={PROFILE}"]
+    first = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    started = _model(root, INTERRUPT_METHODS[0]).parent / "checkpoint.pt"
+    try:
+        deadline = time.time() + 900
+        while not started.exists():
+            assert first.poll() is None and time.time() < deadline, first.stdout.read()[-3000:]
+            time.sleep(0.05)
+        os.killpg(first.pid, sig)  # the step-0 checkpoint is written before the first training step
+        first.wait(120)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    time.sleep(2)  # let the job processes of the group finish dying
+    data_json = root / f"results/{PROFILE}/data/digits/data.json"
+    assert json.loads(data_json.read_text())["dataset"] == "digits"      # the finished job's output is intact
+    assert not _model(root, INTERRUPT_METHODS[0]).exists()  # no half-trained model passes for done
+    if sig == signal.SIGINT:
+        assert _status(uri, INTERRUPT_METHODS[0])[0] == "KILLED"
+
+    rerun_args = args[1:] + (["--unlock"] if sig == signal.SIGKILL else [])
+    if sig == signal.SIGKILL:  # a killed Snakemake leaves its lock; `--unlock` is the documented remedy
+        assert snakemake(rerun_args, root, env).returncode == 0
+    rerun = snakemake(args[1:] + ["--rerun-incomplete"], root, env, timeout=1800)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-3000:]
+    assert {j["rule"] for j in parse_dry_run(log)} == {"train"}, log[-3000:]   # data is not redone
+    for method in INTERRUPT_METHODS:
+        model, meta = load_classifier(_model(root, method))
+        assert meta["complete"] and meta["epochs_trained"] == 2
+    resumed = (root / f"logs/{PROFILE}/train/digits-{INTERRUPT_METHODS[0]}-s0.log").read_text()
+    assert "resuming" in resumed and "afresh" not in resumed  # same code, data, settings: the checkpoint is reused
+    for method in INTERRUPT_METHODS:
+        parent, stages = _status(uri, method)
+        assert parent == "FINISHED" and stages == {"train": "FINISHED"}, (method, parent, stages)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(f"robust-ebm/{PROFILE}/digits")
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id], max_results=1000)
+                      if r.data.tags.get("stage") == "train")
+    assert statuses == ["FINISHED", "FINISHED", "KILLED"], statuses   # the interrupted run says so
