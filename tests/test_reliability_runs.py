@@ -27,7 +27,7 @@ import torch
 
 from repo_copy import ROOT, copy_checkout, hermetic_env, parse_dry_run, snakemake
 from robust_ebm import methods, plan, tracking
-from robust_ebm.data import Splits, TensorSplit, class_stats
+from robust_ebm.data import class_stats
 from robust_ebm.models import ModelConfig, load_classifier
 from robust_ebm.train import TrainingDiverged, train_splits
 

@@ -133,8 +133,7 @@ def _imported(module: str, tree: ast.Module, skip_functions: frozenset[str] = fr
                 target = node.module or ""
             found.add(target)
             found.update(f"{target}.{alias.name}" for alias in node.names)  # kept when it is a module
-        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "import_module"
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+        elif isinstance(node, ast.Call) and _literal_import_module(node):
             found.add(node.args[0].value)
         for child in ast.iter_child_nodes(node):
             visit(child)
@@ -144,6 +143,13 @@ def _imported(module: str, tree: ast.Module, skip_functions: frozenset[str] = fr
             continue
         visit(node)
     return {m for m in found if _module_file(m) is not None}
+
+
+def _literal_import_module(call: ast.Call) -> bool:
+    """`importlib.import_module("a.b")` or `import_module("a.b")` with a constant name."""
+    name = getattr(call.func, "attr", getattr(call.func, "id", None))
+    return name == "import_module" and bool(call.args) and isinstance(call.args[0], ast.Constant) \
+        and isinstance(call.args[0].value, str)
 
 
 def _with_parents(module: str) -> list[str]:
