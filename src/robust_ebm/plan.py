@@ -113,7 +113,7 @@ def _is_type_checking(node: ast.AST) -> bool:
 def _imported(module: str, tree: ast.Module, skip_functions: frozenset[str] = frozenset()) -> set[str]:
     """Package modules `tree` imports: top level and inside functions (lazy imports), relative or
     absolute, and `importlib.import_module("robust_ebm...")`; not `if TYPE_CHECKING:` blocks, not the
-    bodies of the top-level functions named in `skip_functions`."""
+    bodies of the top-level functions and classes named in `skip_functions`."""
     is_package = _module_file(module) is not None and _module_file(module).name == "__init__.py"
     package = module if is_package else module.rpartition(".")[0]
     found: set[str] = set()
@@ -139,7 +139,7 @@ def _imported(module: str, tree: ast.Module, skip_functions: frozenset[str] = fr
             visit(child)
 
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in skip_functions:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in skip_functions:
             continue
         visit(node)
     return {m for m in found if _module_file(m) is not None}
@@ -179,19 +179,27 @@ def _parse(path: Path) -> ast.Module:
 def stage_modules(stage: str) -> tuple[Path, ...]:
     """Every package file the `robust-ebm <stage>` command can run, sorted (a static import closure).
 
-    Roots: cli.py with its module-level imports, the imports of its shared helpers (every function
-    that is not a `cmd_*` subcommand) and of `cmd_<stage>` itself. From there every import of a
-    package module is followed, including imports inside functions; importing a.b also counts
-    a/__init__.py. Package data files a module names by path (e.g. tables.py's
-    resources/paper_tables.yaml) count as code too.
+    Roots: cli.py's module-level imports and the imports inside the functions and classes of
+    cli.py that `main` or `cmd_<stage>` reach by name (helpers such as `_run_stage`), never
+    entering another `cmd_*` subcommand. From there every import of a package module is followed,
+    including imports inside functions; importing a.b also counts a/__init__.py. Package data
+    files a module names by path (e.g. tables.py's resources/paper_tables.yaml) count as code too.
     """
     cli_tree = _parse(_module_file(CLI_MODULE))
-    commands = {n.name for n in cli_tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("cmd_")}
+    defined = {n.name: n for n in cli_tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    commands = {name for name in defined if name.startswith("cmd_")}
     entry = f"cmd_{stage.replace('-', '_')}"
     if entry not in commands:
         raise ValueError(f"cli.py has no `{entry}` for stage '{stage}'; stages: {', '.join(sorted(commands))}")
+    reached, stack = set(), ["main", entry]
+    while stack:  # cli.py's own call graph, by the names each reached definition mentions
+        name = stack.pop()
+        if name in reached or name not in defined or (name in commands and name != entry):
+            continue
+        reached.add(name)
+        stack += [n.id for n in ast.walk(defined[name]) if isinstance(n, ast.Name)]
     todo = [*_with_parents(CLI_MODULE)]
-    todo += [p for m in _imported(CLI_MODULE, cli_tree, frozenset(commands - {entry})) for p in _with_parents(m)]
+    todo += [p for m in _imported(CLI_MODULE, cli_tree, frozenset(set(defined) - reached)) for p in _with_parents(m)]
     seen: set[str] = set()
     files: set[Path] = set()
     while todo:
