@@ -185,6 +185,18 @@ def test_a_new_lazy_import_joins_the_closure(package_copy):
     assert "src/robust_ebm/dynamics.py" not in plan.code_files("tables")  # never executed
 
 
+def test_cli_helpers_count_only_for_the_stages_that_reach_them(package_copy):
+    _edit(package_copy, "cli.py", "\n\ndef _helper():\n    from . import bench\n")
+    assert "src/robust_ebm/bench.py" not in plan.code_files("figures")   # nothing calls it
+    cli = package_copy / "cli.py"
+    head = "def _profile_stage(args, stage: str, call) -> None:\n"
+    assert head in cli.read_text()
+    cli.write_text(cli.read_text().replace(head, head + "    _helper()\n"))
+    _edit(package_copy, "cli.py", "")
+    assert "src/robust_ebm/bench.py" in plan.code_files("figures")       # figures and tables use it
+    assert "src/robust_ebm/bench.py" not in plan.code_files("train")     # train's path does not
+
+
 # =========================================================================== resume keyed on code, data, settings
 
 from test_train import final_weights, make_run, make_splits  # noqa: E402  (tiny runs, shared with test_train)
