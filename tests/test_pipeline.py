@@ -82,6 +82,7 @@ def test_mlflow_has_one_parent_per_method_and_seed_with_metrics_and_artifacts(ru
             assert any(k.startswith("train.") for k in parent.data.metrics), parent.data.tags["method"]
             children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
             assert all(c.info.status == "FINISHED" for c in children)
+            assert parent.info.status == "FINISHED", parent.data.tags["method"]  # not left RUNNING (issue 14)
             assert any(client.list_artifacts(c.info.run_id) for c in children)
 
 

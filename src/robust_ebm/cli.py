@@ -15,14 +15,18 @@
 Heavy libraries (torch, mlflow) are imported inside the subcommands, so
 `--help` is instant. Known user errors (bad params, missing data or Inception
 weights, an unreadable or mismatched input file, a diverged run) print one
-paragraph and exit with status 2.
+paragraph and exit with status 2. SIGTERM is handled like Ctrl-C: the stage
+unwinds (temporary files removed, its MLflow run marked KILLED) and the command
+exits with 143 (130 for SIGINT).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 USER_ERRORS = {"ConfigError", "DataUnavailableError", "InceptionWeightsUnavailable", "InceptionWeightsNotFound",
@@ -371,17 +375,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM raised as an interrupt, so that a stage unwinds as it does on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"received {signal.Signals(signum).name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log", None))
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args.func(args)
+    except KeyboardInterrupt as err:
+        print(f"robust-ebm {args.command}: interrupted ({err or 'SIGINT'}); finished outputs are kept, "
+              "a rerun resumes or redoes the rest", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:  # noqa: BLE001 - known user errors become one paragraph, others re-raise
         names = {cls.__name__ for cls in type(err).__mro__}
         if not names & USER_ERRORS:
             raise
         print(f"robust-ebm {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

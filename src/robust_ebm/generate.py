@@ -24,12 +24,19 @@ Conditional generators label each image with its class; unconditional ones
 prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W), labels int64; buffers also
 `logits` float32 (N,K) of the float images, for the papers' top-confident IS/FID protocol),
 `<name>_grid.png` (one row per class) and `generate.json`.
+
+A rerun into the same `out_dir` keeps the generators already finished there
+only when generate.json's `resume_key` (code of this stage's import closure,
+settings, model file, data files, replay buffer) is unchanged; otherwise the
+earlier files are deleted and every generator runs again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import time
 import zlib
 from pathlib import Path
@@ -42,6 +49,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from . import plan
 from .attacks import AttackConfig
 from .data import load_prepared
 from .files import BadFileError, load_torch
@@ -52,6 +60,7 @@ from .sampling import SamplerConfig, initialise, pyld, sgld
 
 BUFFER_FILE = "replay_buffer.pt"
 GRID_COLUMNS = 10
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -287,8 +296,10 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
     labels = class_labels(num_classes, gen_cfg.n_per_class)
 
     json_path = out_dir / "generate.json"
+    key = resume_key(run, data_dir, model_path, find_buffer(model_path, meta))
+    _forget_stale(out_dir, json_path, key)
     report = {"method": method, "model_path": str(model_path), "seed": run.seed, "n_per_class": gen_cfg.n_per_class,
-              "num_classes": num_classes, "generators": {}, "fallbacks": fallbacks}
+              "num_classes": num_classes, "generators": {}, "fallbacks": fallbacks, "resume_key": key}
     for name, spec in chosen.items():
         npz, grid = out_dir / f"{name}.npz", out_dir / f"{name}_grid.png"
         record = {"kind": spec.kind, "init": spec.init, "files": {"npz": npz.name, "grid": grid.name},
@@ -333,6 +344,46 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
     if tracker is not None:
         tracker.log_metrics({f"generate/{n}_seconds": r["seconds"] for n, r in report["generators"].items() if r.get("seconds")})
     return report
+
+
+def _file_digest(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def resume_key(run, data_dir, model_path, buffer_path) -> dict:
+    """What finished generators on disk were made from; they are kept only while it is unchanged."""
+    data_dir = Path(data_dir)
+    settings = {k: getattr(run, k, None) for k in ("method_name", "seed", "device", "model", "generation")}
+    text = json.dumps(settings, sort_keys=True,
+                      default=lambda v: v.model_dump(mode="json") if hasattr(v, "model_dump") else repr(v))
+    return {"code": plan.code_digest("generate"), "settings": hashlib.sha256(text.encode()).hexdigest()[:16],
+            "model": _file_digest(model_path), "buffer": _file_digest(buffer_path),
+            "data": [_file_digest(data_dir / name) for name in ("splits.pt", "class_stats.pt")]}
+
+
+def _forget_stale(out_dir: Path, json_path: Path, key: dict) -> None:
+    """Delete the files of an earlier run into `out_dir` whose resume key differs (logged in one line)."""
+    try:
+        earlier = json.loads(json_path.read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if earlier is None and not any(out_dir.glob("*.npz")):
+        return
+    old = (earlier or {}).get("resume_key")
+    if old == key:
+        return
+    changed = [k for k in key if not isinstance(old, dict) or old.get(k) != key[k]]
+    log.info("not reusing the samples in %s: %s changed since they were made; deleting them", out_dir,
+             ", ".join(changed) if isinstance(old, dict) else "their resume key is missing")
+    names = {f for r in ((earlier or {}).get("generators") or {}).values() for f in (r.get("files") or {}).values()}
+    for path in [*(out_dir / n for n in names), *out_dir.glob("*.npz"), *out_dir.glob("*_grid.png"), json_path]:
+        path.unlink(missing_ok=True)
 
 
 BUFFER_FIX = "rerun the train stage, which writes it beside model.pt"

@@ -20,14 +20,22 @@ The metrics stage scores samples with a reference classifier: the `standard`
 method (params `metrics.refclf.method`) on the same data set and seed. When a
 profile's runs lack it, the plan adds its train job only (a "reference"
 run: trained, not evaluated, not in the tables).
+
+Code inputs. A job also depends on every package file its `robust-ebm <stage>`
+command can import (`stage_modules`: the static import closure from cli.py's
+`cmd_<stage>`, lazy imports included), listed file by file in both the
+Snakefile and dvc.yaml. Editing sampling.py therefore reruns every train job
+and what follows; editing figures.py reruns figures and tables only.
+`code_digest("train")` of the same files keys the train checkpoint's resume.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -75,35 +83,152 @@ OUTPUTS = {
     "figures": ("figures",),
     "tables": ("tables",),
 }
-# The package code a stage runs; a change reruns the stage in both tools.
-CODE = {
-    "data": ("src/robust_ebm/data.py",),
-    "train": ("src/robust_ebm/train.py", "src/robust_ebm/methods"),
-    "evaluate": ("src/robust_ebm/evaluate.py", "src/robust_ebm/attacks.py", "src/robust_ebm/autoattack.py",
-                 "src/robust_ebm/histogram_attacks.py"),
-    "generate": ("src/robust_ebm/generate.py", "src/robust_ebm/sampling.py"),
-    "metrics": ("src/robust_ebm/metrics",),
-    "figures": ("src/robust_ebm/figures.py", "src/robust_ebm/histogram_attacks.py", "src/robust_ebm/style.py",
-                "src/robust_ebm/papers.py", "src/robust_ebm/resources/paper_tables.yaml"),
-    "tables": ("src/robust_ebm/tables.py", "src/robust_ebm/papers.py", "src/robust_ebm/resources/paper_tables.yaml"),
-}
+# The package code a stage runs; a change reruns the stage in both tools. Derived from the
+# code (see `stage_modules`), never listed by hand.
+PACKAGE = "robust_ebm"
 PACKAGE_DIR = Path(__file__).resolve().parent
+SOURCE_DIR = "src/robust_ebm"  # where PACKAGE_DIR sits in the repository (paths in the Snakefile and dvc.yaml)
+CLI_MODULE = f"{PACKAGE}.cli"  # every stage command runs `robust-ebm <stage>`, i.e. cli.cmd_<stage>
+
+
+def _module_file(module: str) -> Path | None:
+    """robust_ebm.a.b -> PACKAGE_DIR/a/b.py or PACKAGE_DIR/a/b/__init__.py; None outside the package."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = PACKAGE_DIR.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py") if len(parts) > 1 else None, base / "__init__.py"):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _imported(module: str, tree: ast.Module, skip_functions: frozenset[str] = frozenset()) -> set[str]:
+    """Package modules `tree` imports: top level and inside functions (lazy imports), relative or
+    absolute, and `importlib.import_module("robust_ebm...")`; not `if TYPE_CHECKING:` blocks, not the
+    bodies of the top-level functions and classes named in `skip_functions`."""
+    is_package = _module_file(module) is not None and _module_file(module).name == "__init__.py"
+    package = module if is_package else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # kept when it is a module
+        elif isinstance(node, ast.Call) and _literal_import_module(node):
+            found.add(node.args[0].value)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name in skip_functions:
+            continue
+        visit(node)
+    return {m for m in found if _module_file(m) is not None}
+
+
+def _literal_import_module(call: ast.Call) -> bool:
+    """`importlib.import_module("a.b")` or `import_module("a.b")` with a constant name."""
+    name = getattr(call.func, "attr", getattr(call.func, "id", None))
+    return name == "import_module" and bool(call.args) and isinstance(call.args[0], ast.Constant) \
+        and isinstance(call.args[0].value, str)
+
+
+def _with_parents(module: str) -> list[str]:
+    """Importing a.b.c runs a/__init__ and a/b/__init__ first."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _data_files(tree: ast.Module) -> set[Path]:
+    """Package data files a module names by a string literal, e.g. 'resources/paper_tables.yaml'."""
+    files = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "/" in node.value \
+                and not node.value.endswith(".py") and len(node.value) < 200:
+            candidate = PACKAGE_DIR / node.value
+            if not node.value.startswith("/") and ".." not in node.value and candidate.is_file():
+                files.add(candidate)
+    return files
+
+
+@lru_cache(maxsize=None)
+def _parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+@lru_cache(maxsize=None)
+def stage_modules(stage: str) -> tuple[Path, ...]:
+    """Every package file the `robust-ebm <stage>` command can run, sorted (a static import closure).
+
+    Roots: cli.py's module-level imports and the imports inside the functions and classes of
+    cli.py that `main` or `cmd_<stage>` reach by name (helpers such as `_run_stage`), never
+    entering another `cmd_*` subcommand. From there every import of a package module is followed,
+    including imports inside functions; importing a.b also counts a/__init__.py. Package data
+    files a module names by path (e.g. tables.py's resources/paper_tables.yaml) count as code too.
+    """
+    cli_tree = _parse(_module_file(CLI_MODULE))
+    defined = {n.name: n for n in cli_tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    commands = {name for name in defined if name.startswith("cmd_")}
+    entry = f"cmd_{stage.replace('-', '_')}"
+    if entry not in commands:
+        raise ValueError(f"cli.py has no `{entry}` for stage '{stage}'; stages: {', '.join(sorted(commands))}")
+    reached, stack = set(), ["main", entry]
+    while stack:  # cli.py's own call graph, by the names each reached definition mentions
+        name = stack.pop()
+        if name in reached or name not in defined or (name in commands and name != entry):
+            continue
+        reached.add(name)
+        stack += [n.id for n in ast.walk(defined[name]) if isinstance(n, ast.Name)]
+    todo = [*_with_parents(CLI_MODULE)]
+    todo += [p for m in _imported(CLI_MODULE, cli_tree, frozenset(set(defined) - reached)) for p in _with_parents(m)]
+    seen: set[str] = set()
+    files: set[Path] = set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = _module_file(module)
+        files.add(path)
+        if module == CLI_MODULE:
+            continue  # its imports were filtered above
+        tree = _parse(path)
+        files |= _data_files(tree)
+        todo += [p for m in _imported(module, tree) for p in _with_parents(m) if p not in seen]
+    return tuple(sorted(files))
 
 
 def code_files(stage: str) -> tuple[str, ...]:
-    """CODE[stage] with each package folder replaced by the .py files in it.
+    """`stage_modules` as repository paths (src/robust_ebm/...): Snakemake inputs and DVC deps."""
+    return tuple(f"{SOURCE_DIR}/{p.relative_to(PACKAGE_DIR).as_posix()}" for p in stage_modules(stage))
 
-    Snakemake compares a folder input by the folder's own mtime, which editing a file
-    inside does not change; DVC hashes folder contents, so dvc.yaml keeps the folders.
-    """
-    files: list[str] = []
-    for path in CODE[stage]:
-        folder = PACKAGE_DIR / Path(path).relative_to("src/robust_ebm")
-        if folder.is_dir():
-            files += sorted(f"{path}/{f.relative_to(folder).as_posix()}" for f in folder.rglob("*.py"))
-        else:
-            files.append(path)
-    return tuple(files)
+
+def code_digest(stage: str) -> str:
+    """sha256 of the stage's code files (path and bytes): what a resumed job must still be running."""
+    digest = hashlib.sha256()
+    for path in stage_modules(stage):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 # The robust-ebm command line of each stage (architecture.md "Stage command line").
@@ -157,6 +282,17 @@ RUN_STAGE_SETTINGS = {
     "generate": ("dataset", "method_name", "model", "seed", "device", "generation"),
     "metrics": ("dataset", "method_name", "model", "seed", "device", "metrics", "inception_weights"),
 }
+
+
+def run_settings_digest(run, stage: str) -> str:
+    """Digest of the RunConfig fields `stage` reads (RUN_STAGE_SETTINGS): the Snakemake rerun trigger
+    of a run job, and the settings part of a resumable job's resume key (train.py)."""
+    values = run.to_dict()
+    values["dataset"].pop("root")  # where data is read from is not a setting of the result
+    values["inception_weights"] = values["paths"]["inception_weights"]
+    payload = {key: values[key] for key in RUN_STAGE_SETTINGS[stage]}
+    text = json.dumps(payload, sort_keys=True, default=_jsonable)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -282,10 +418,7 @@ class Plan:
         if stage == "data":  # where the files are read from is not a setting of the result (data.json records it)
             payload: Any = c.dataset(wildcards["dataset"]).model_dump(mode="json", exclude={"root"})
         elif stage in RUN_STAGES:
-            run = c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])).to_dict()
-            run["dataset"].pop("root")  # where data is read from is not a setting of the result
-            run["inception_weights"] = run["paths"]["inception_weights"]
-            payload = {key: run[key] for key in RUN_STAGE_SETTINGS[stage]}
+            return run_settings_digest(c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])), stage)
         else:
             payload = {"runs": self.runs, "figures": c.figures, "metrics": c.metrics,
                        "table_datasets": c.table_datasets}
@@ -390,7 +523,7 @@ def _dvc_stage(stage: str, items, template: dict[str, str], plan: "Plan") -> dic
     else:
         keys = [k for k in INPUTS[stage] if not (k == "refclf" and plan.refclf_method is None)]
         deps = [template[k] for k in keys]
-    do: dict[str, Any] = {"cmd": template["command"], "deps": deps + list(CODE[stage]),
+    do: dict[str, Any] = {"cmd": template["command"], "deps": deps + list(code_files(stage)),
                           "params": list(params_keys(stage, placeholders(stage, "dvc")))}
     outs = [template[k] for k in OUTPUTS[stage]]
     metrics = [o for o in outs if o.endswith(".json")]

@@ -16,6 +16,19 @@ Telemetry is off (MLFLOW_DISABLE_TELEMETRY=true) unless the user set it.
 
 Only MlflowClient is used (no fluent global "active run"), so nothing leaks
 between stages run in one process.
+
+Run status. A child run ends FINISHED when its stage returns, KILLED when it
+is interrupted (SIGINT, or SIGTERM, which cli.main turns into an interrupt),
+and FAILED on any other error. A parent run spans stage jobs in separate
+processes, so its status is derived, under the lock, whenever one of its
+stages starts or ends, from the latest child run of each stage:
+FAILED if any is FAILED, else KILLED if any is KILLED, else RUNNING if any is
+RUNNING, else FINISHED. A run of the smoke DAG whose stages all finished is
+therefore FINISHED, and a rerun stage replaces its failed predecessor. A
+process killed outright (SIGKILL, power loss) cannot say so; its run is left
+RUNNING until the next stage run that opens the same experiment on the same
+host finds its process gone (tags robust_ebm.host, robust_ebm.process) and
+marks it KILLED.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import json
 import logging
 import numbers
 import os
+import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +50,7 @@ log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
 DISABLE_ENV = "ROBUST_EBM_TRACKING"
+HOST_TAG, PROCESS_TAG = "robust_ebm.host", "robust_ebm.process"
 
 
 def tracking_uri(configured: str | None = None, project_dir: str | Path | None = None) -> str:
@@ -194,6 +209,74 @@ def _parent_run(client, experiment_id: str, method: str, seed: int, tags: dict) 
     return run.info.run_id
 
 
+def _process_token(pid: int | None = None) -> str:
+    """'<pid>:<start time>' (Linux /proc), so a reused pid does not pass for the process that logged."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "?"
+    return f"{pid}:{start}"
+
+
+def _process_alive(token: str) -> bool:
+    """Whether the process of a `_process_token` still runs (a zombie counts as gone)."""
+    pid_text, _, start = token.partition(":")
+    try:
+        pid = int(pid_text)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError):
+        return True
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return start == "?"  # no /proc: trust os.kill
+    return fields[0] != "Z" and (start == "?" or fields[19] == start)
+
+
+def _reap_orphans(client, experiment_id: str) -> set[str]:
+    """Mark RUNNING runs of this host whose process is gone as KILLED; return their parents' ids."""
+    host = socket.gethostname()
+    orphans = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                 f"tags.`{HOST_TAG}` = '{host}'", max_results=1000)
+    parents = set()
+    for run in orphans:
+        token = run.data.tags.get(PROCESS_TAG)
+        if token and not _process_alive(token):
+            client.set_tag(run.info.run_id, "robust_ebm.end", "process gone without ending its run (killed)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.info("MLflow: run %s (%s) was left RUNNING by a killed process; marked KILLED",
+                     run.info.run_id, run.data.tags.get("stage"))
+            if PARENT_TAG in run.data.tags:
+                parents.add(run.data.tags[PARENT_TAG])
+    return parents
+
+
+def _settle_parent(client, experiment_id: str, parent_id: str) -> str:
+    """Set the parent's status from the latest child run of each stage (module docstring); return it."""
+    children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+                                  max_results=1000, order_by=["attributes.start_time DESC"])
+    latest: dict[str, str] = {}
+    for child in children:
+        latest.setdefault(child.data.tags.get("stage", child.info.run_id), child.info.status)
+    statuses = set(latest.values())
+    status = next((s for s in ("FAILED", "KILLED", "RUNNING") if s in statuses), "FINISHED")
+    if status == "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        client.set_terminated(parent_id, status)
+    return status
+
+
+def end_status(error: BaseException | None) -> str:
+    """FINISHED (no error), KILLED (interrupt: SIGINT, or SIGTERM via cli), FAILED (anything else)."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 @contextlib.contextmanager
 def open_run(*, profile: str, stage: str, dataset: str | None = None, method: str | None = None,
              seed: int | None = None, uri: str | None = None, prefix: str = "robust-ebm",
@@ -220,20 +303,32 @@ def open_run(*, profile: str, stage: str, dataset: str | None = None, method: st
     with FileLock(str(lock), timeout=600):  # schema creation + lookups: one process at a time
         client = MlflowClient(tracking_uri=uri)
         exp_id = _experiment_id(client, experiment, uri)
+        orphaned_parents = _reap_orphans(client, exp_id)
         parent_id = None
         if method is not None and seed is not None:
             parent_id = _parent_run(client, exp_id, method, seed, {k: v for k, v in tags.items()
                                                                     if k != "stage"})
-        child_tags = {**tags, **({PARENT_TAG: parent_id} if parent_id else {})}
+        child_tags = {**tags, HOST_TAG: socket.gethostname(), PROCESS_TAG: _process_token(),
+                      **({PARENT_TAG: parent_id} if parent_id else {})}
         run = client.create_run(exp_id, run_name=stage, tags=child_tags)
+        for parent in orphaned_parents | ({parent_id} if parent_id else set()):
+            _settle_parent(client, exp_id, parent)
     tracker = Tracker(client, run.info.run_id, parent_id)
     log.info("MLflow: run %s (%s) in experiment '%s' at %s", run.info.run_id, stage, experiment, uri)
-    status = "FAILED"
+    error: BaseException | None = None
     try:
         yield tracker
-        status = "FINISHED"
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        client.set_terminated(run.info.run_id, status)
+        status = end_status(error)
+        with FileLock(str(lock), timeout=600):
+            if error is not None:
+                client.set_tag(run.info.run_id, "robust_ebm.end", f"{type(error).__name__}: {error}"[:5000])
+            client.set_terminated(run.info.run_id, status)
+            if parent_id:
+                _settle_parent(client, exp_id, parent_id)
 
 
 def open_stage_run(run_cfg, stage: str, project_dir: str | Path | None = None):

@@ -15,6 +15,12 @@ energy dynamics, then a full checkpoint (checkpoint.py). With
 batch order comes from (seed, epoch), so a resumed run skips the batches it
 has done and continues bit-exactly on the CPU.
 
+Resume: checkpoint.pt is resumed only when its resume key (code of the train
+stage's import closure, the data it read, the settings train reads) equals
+the current one; otherwise the run starts afresh, says why in one line, and
+moves the previous files to out_dir/stale/. A finished checkpoint of the same
+key is "resumed" at its end: model.pt is rewritten without a training step.
+
 Divergence guard (anchors.md §1(d), lesson 6): a non-finite loss, |loss| >
 max_abs_loss or |E(x_data) − E(x_sgld)| > max_energy_gap rolls back to the
 last checkpoint, applies the remedy (lr_decay | more_sgld_steps | reseed),
@@ -37,22 +43,27 @@ import contextlib
 import hashlib
 import itertools
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import attacks, data
+from . import attacks, data, plan
 from .checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
 from .config import validate_run
-from .files import BadFileError
 from .dynamics import DynamicsRecorder
 from .evaluate import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
 from .models import build_model, save_classifier
 from .optim import SAM, LRSchedule, build_optimizer, frozen_bn_stats
 from .runtime import atomic_torch_save, atomic_write_json, model_mode, note_fallback, pick_device, seed_everything
+
+
+# Files of a run directory that belong to one training (moved to stale/ when it is not resumed).
+RUN_FILES = ("checkpoint.pt", "model.pt", "train.json", "dynamics.json", "replay_buffer.pt", "grids")
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,12 +213,36 @@ class Streams:
 # ----------------------------------------------------------------------------- the trainer
 
 
-def _fingerprint(run) -> str:
-    """Hash of everything that shapes the trained weights; a checkpoint of another config is refused."""
-    keys = {"dataset": run.dataset.model_dump(mode="json", exclude={"root", "download"}),
-            "method": run.method.model_dump(mode="json"), "model": run.model.model_dump(mode="json"),
-            "seed": run.seed, "val": [run.training.val_n_examples, run.training.val_pgd.model_dump(mode="json")]}
-    return hashlib.sha256(repr(sorted(keys.items())).encode()).hexdigest()[:16]
+def data_digest(splits, stats) -> str:
+    """sha256 of what training reads from the data stage: train and valid splits, class statistics."""
+    digest = hashlib.sha256()
+
+    def add(name, value):
+        digest.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{value.dtype}{tuple(value.shape)}".encode() + value.view(torch.uint8).numpy().tobytes()
+                          if value.numel() else b"empty")
+        else:
+            digest.update(repr(value).encode())
+
+    for name in ("train", "valid"):
+        split = getattr(splits, name)
+        add(f"{name}.images", split.images)
+        add(f"{name}.labels", split.labels)
+    for key, value in sorted((stats.to_dict() if stats is not None else {}).items()):
+        add(f"stats.{key}", value)
+    return digest.hexdigest()[:16]
+
+
+def resume_key(run, splits, stats) -> dict:
+    """What a checkpoint was written under; it is resumed only when all three still hold.
+
+    code: the train stage's import closure (plan.code_digest); data: `data_digest`; settings: the
+    digest of the RunConfig fields train reads (plan.run_settings_digest, Snakemake's rerun trigger).
+    """
+    return {"code": plan.code_digest("train"), "data": data_digest(splits, stats),
+            "settings": plan.run_settings_digest(run, "train")}
 
 
 class Trainer:
@@ -243,7 +278,7 @@ class Trainer:
         self.best_state: dict | None = None
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "seconds": 0.0, "images": 0,
                          "best_epoch": None, "best_metric": None, "val": [], "retries": [], "seed_offset": 0,
-                         "fingerprint": _fingerprint(run)}
+                         "resume_key": resume_key(run, splits, stats)}
         self.ckpt_path = self.out_dir / "checkpoint.pt"
 
     # ---- state
@@ -257,12 +292,33 @@ class Trainer:
         save_checkpoint(self.ckpt_path, ckpt)
 
     def load(self) -> None:
+        """Restore the last checkpoint (the guard's rollback, or a resume `stale_reason` accepted)."""
         ckpt = load_checkpoint(self.ckpt_path)
-        if (ckpt.get("progress") or {}).get("fingerprint") != self.progress["fingerprint"]:
-            raise BadFileError(f"{self.ckpt_path} was written by a different configuration of run "
-                               f"{self.run.run_name}; move it (or the whole {self.out_dir}) away to start afresh")
         self.progress = restore(ckpt, self._stateful(), {"method": self.generator})
         self.best_state = ckpt.get("best_state")
+
+    def stale_reason(self) -> str | None:
+        """Why checkpoint.pt must not be resumed (None: it may): another code, data or settings."""
+        saved = load_checkpoint(self.ckpt_path)["progress"].get("resume_key")
+        if not isinstance(saved, dict):
+            return "it carries no resume key (written by an older robust-ebm)"
+        now = self.progress["resume_key"]
+        changed = [k for k in now if saved.get(k) != now[k]]
+        if not changed:
+            return None
+        what = {"code": "the train code", "data": "the data", "settings": "the settings"}
+        return " and ".join(f"{what[k]} changed ({saved.get(k)} -> {now[k]})" for k in changed)
+
+    def move_aside(self, reason: str) -> Path:
+        """Move the previous run's files into out_dir/stale/ (replacing an older one) before a fresh start."""
+        stale = self.out_dir / "stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        stale.mkdir()
+        for name in RUN_FILES:
+            if (self.out_dir / name).exists():
+                os.replace(self.out_dir / name, stale / name)
+        atomic_write_json(stale / "why.json", {"reason": reason})
+        return stale
 
     # ---- guard
     def _check(self, out: LossOutput) -> None:
@@ -507,12 +563,16 @@ def train_splits(run, splits, stats, out_dir, tracker=None, *, max_steps: int | 
     trainer = Trainer(run, splits, stats, out_dir, tracker)
     if tracker is not None:
         tracker.log_params(run.to_dict())
-    if resume and trainer.ckpt_path.exists():
+    reason = trainer.stale_reason() if resume and trainer.ckpt_path.exists() else None
+    if reason is None and resume and trainer.ckpt_path.exists():
         trainer.load()
         tqdm.write(f"resuming {run.run_name} after epoch {trainer.progress['epoch']}, "
                    f"step {trainer.progress['step_in_epoch']} of the next")
     else:
+        if reason is not None:
+            stale = trainer.move_aside(reason)
+            tqdm.write(f"starting {run.run_name} afresh: {trainer.ckpt_path.name} is not resumed because {reason}; "
+                       f"the previous files are in {stale}")
         trainer.save()  # step 0: the guard always has a state to roll back to
     complete = trainer.fit(max_steps)
     return trainer.finish(complete)
-
