@@ -468,7 +468,10 @@ def family_run(method: str, guard: dict | None = None, training: dict | None = N
     tiny = make_run(training=training)
     m = base.method
     m = m.model_copy(update={
-        "data": m.data.model_copy(update={"batch_size": 16, "px_batch_size": 16}),
+        # every family on the same 64 training images in 4 full batches per epoch (TRADES-like methods
+        # otherwise train on train + valid with a partial last batch, as their references do)
+        "data": m.data.model_copy(update={"batch_size": 16, "holdout": True, "drop_last": True,
+                                           **({"px_batch_size": 16} if m.data.px_batch_size is not None else {})}),
         "schedule": m.schedule.model_copy(update={"epochs": 2, "milestones": [1], "warmup_iters": 2}),
         "guard": m.guard.model_copy(update=guard or {}),
         "dynamics": m.dynamics.model_copy(update={"n_fixed": 8, "every_n_epochs": 0}),
