@@ -358,8 +358,7 @@ def _quality_compare(better, worse, qa, qb, z) -> Comparison:
     (is_a, fid_a), (is_b, fid_b) = qa, qb
     c = compare(is_a, is_b, ">", f"{better} − {worse} (IS)", z)
     label = f"{c.label}; FID {fid_a:.4g} vs {fid_b:.4g}"
-    fid_agrees = fid_a < fid_b
-    if c.verdict == HOLDS and not fid_agrees or c.verdict == FAILS and fid_agrees:
+    if c.verdict == HOLDS and fid_a > fid_b or c.verdict == FAILS and fid_a < fid_b:
         return Comparison("inconclusive (IS and FID disagree)", label)
     return Comparison(c.verdict, label)
 
