@@ -49,7 +49,7 @@ def test_smoke_profile_is_small_and_covers_every_method(params):
     assert {d for d, _ in prof.runs} == {"digits"}
     for name, method in prof.methods.items():
         assert prof.models[method.model].arch == "tiny_cnn", name
-        assert method.schedule.epochs <= 2, name
+        assert method.schedule.epochs <= (2 if method.sampler else 8), name  # the JEM family's epochs cost most
         assert method.attack is None or method.attack.steps <= 2, name
         assert method.sampler is None or method.sampler.steps <= 2, name
     assert prof.evaluation.autoattack.n_examples <= 32

@@ -9,6 +9,7 @@ import torch
 from matplotlib.figure import Figure
 
 import robust_ebm.figures as figures
+import robust_ebm.landscape as landscape
 from robust_ebm.config import FiguresConfig
 from robust_ebm.energy import joint_energy, marginal_energy
 from robust_ebm.models import ModelConfig, save_classifier
@@ -18,9 +19,9 @@ from helpers import tiny_classifier
 def test_landscape_centre_is_the_image_and_grid_points_are_x0_plus_a_d1_plus_b_d2():
     model = tiny_classifier()
     x0, y0 = torch.rand(1, 8, 8), 2
-    d1, d2 = figures.random_directions(x0.shape, torch.Generator().manual_seed(0))
+    d1, d2 = landscape.random_directions(x0.shape, torch.Generator().manual_seed(0))
     assert d1.norm() == pytest.approx(1.0) and d2.norm() == pytest.approx(1.0)
-    land = figures.energy_landscape(model, x0, y0, d1, d2, radius=0.5, grid=5, batch_size=7)
+    land = landscape.energy_landscape(model, x0, y0, d1, d2, radius=0.5, grid=5, batch_size=7)
     assert land["E_xy"].shape == land["E_x"].shape == (5, 5) and land["coords"][2] == 0.0
     with torch.no_grad():
         logits = model(x0[None])

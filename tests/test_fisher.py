@@ -138,3 +138,16 @@ def test_score_matching_terms_shapes():
     model, x, y = SmoothNet(), torch.rand(3, *SHAPE, dtype=torch.float64).requires_grad_(True), torch.tensor([0, 1, 2])
     half, trace = score_matching_terms(joint_energy(model(x), y), x, probes=4)
     assert half.shape == trace.shape == (3,) and (half >= 0).all()
+
+
+def test_score_std_is_the_spread_of_the_per_image_scores():
+    """jfs_std / mfs_std (the claims stage's standard errors) = std over images of each image's own score."""
+    model = SmoothNet()
+    x = torch.rand(6, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    whole = fisher_scores(model, x, y, probes=None, batch_size=4)
+    single = [fisher_scores(model, x[i:i + 1], y[i:i + 1], probes=None) for i in range(6)]
+    for name in ("jfs", "mfs"):
+        per_image = torch.tensor([s[name] for s in single], dtype=torch.float64)
+        assert whole[f"{name}_std"] == pytest.approx(per_image.std().item(), rel=1e-6)
+    assert single[0]["jfs_std"] == 0.0  # one image: no spread

@@ -12,6 +12,7 @@ import shutil
 
 import pytest
 
+from robust_ebm.claims import load_claims
 from robust_ebm.config import load_params
 from robust_ebm.plan import Plan
 from robust_ebm.tables import load_paper_records
@@ -65,6 +66,24 @@ def test_every_figure_kind_is_drawn(run):
     assert set(pngs) <= listed, "figures.json lists every figure"
 
 
+def test_claims_are_checked_and_the_smoke_models_learn(run):
+    """Every claim has a row and a verdict; the sanity claims hold: standard >= 90% clean, PGD-AT more
+    robust than standard under PGD (the smoke models mean something)."""
+    root, _, _ = run
+    res = root / "results" / PROFILE
+    for suffix in ("md", "csv", "json"):
+        assert (res / f"claims.{suffix}").is_file()
+    rows = {r["id"]: r for r in json.loads((res / "claims.json").read_text())["claims"]}
+    assert set(rows) == {c["id"] for c in load_claims()[0]}
+    verdicts = ("holds", "fails", "inconclusive (", "not measured (")
+    assert all(r["verdict"].startswith(verdicts) for r in rows.values()), [r["verdict"] for r in rows.values()]
+    assert rows["sanity_standard_clean"]["verdict"] == "holds", rows["sanity_standard_clean"]
+    assert rows["sanity_pgd_at_more_robust"]["verdict"] == "holds", rows["sanity_pgd_at_more_robust"]
+    measured = [r for r in rows.values() if not r["verdict"].startswith("not measured")]
+    assert len(measured) >= len(rows) // 2, "most claims are measurable on smoke"
+    assert "claims.md" in (root / "results" / "tables" / "README.md").read_text()
+
+
 def test_mlflow_has_one_parent_per_method_and_seed_with_metrics_and_artifacts(run):
     root, _, uri = run
     from mlflow.tracking import MlflowClient
@@ -96,10 +115,12 @@ def test_interrupted_run_reruns_only_the_lost_job_and_its_dependents(run):
         path.unlink()
     for folder in (res / "figures", res / "tables"):
         shutil.rmtree(folder)
+    for suffix in ("md", "csv", "json"):
+        (res / f"claims.{suffix}").unlink()
     (root / "results" / "tables").unlink()
     proc = snakemake(["-n", "-p", "--quiet", "host", "reason", "--cores", "1", "results/tables",
                       "--config", f"profile={PROFILE}"], root, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = parse_dry_run(proc.stdout + proc.stderr)
-    assert sorted(j["rule"] for j in jobs) == ["evaluate", "figures", "link_tables", "metrics", "tables"]
+    assert sorted(j["rule"] for j in jobs) == ["claims", "evaluate", "figures", "link_tables", "metrics", "tables"]
     assert all("trades" in " ".join(j["output"]) for j in jobs if j["rule"] in ("evaluate", "metrics"))

@@ -110,14 +110,16 @@ def test_rerun_digests_change_only_for_the_stages_that_read_a_setting():
         mutate(r)
         plan = Plan(params_from_dict(r), "smoke")
         return {s: plan.settings(s, dataset="digits", method="trades", seed="0") for s in
-                ("train", "evaluate", "generate", "metrics", "figures")}
+                ("train", "evaluate", "generate", "metrics", "figures", "claims")}
 
     base = digests(lambda r: None)
-    figures = digests(lambda r: r["figures"]["landscape"].update(radius=1.0))  # not overridden by smoke
+    figures = digests(lambda r: r["figures"]["histograms"].update(bins=100))  # not overridden by smoke
     assert [s for s in base if base[s] != figures[s]] == ["figures"]
+    landscape = digests(lambda r: r["profiles"]["smoke"]["overrides"]["metrics"]["landscape"].update(grid=7))
+    assert [s for s in base if base[s] != landscape[s]] == ["metrics", "figures", "claims"]  # figures list metrics too
     lr = digests(lambda r: r["methods"]["trades"]["optim"].update(lr=0.05))
     assert [s for s in base if base[s] != lr[s]] == ["train"]
-    evaluation = digests(lambda r: r["evaluation"]["pgd"].update(step="1/255"))
+    evaluation = digests(lambda r: r["evaluation"]["pgd"].update(random_start="none"))  # not overridden by smoke
     assert [s for s in base if base[s] != evaluation[s]] == ["evaluate"]
     histograms = digests(lambda r: r["evaluation"]["histogram_attacks"].update(seed=1))  # WEAT Fig.2 energies
     assert [s for s in base if base[s] != histograms[s]] == ["evaluate"]

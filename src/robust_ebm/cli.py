@@ -8,6 +8,7 @@
     robust-ebm generate ... --model model.pt --out results/P/samples/D/M/sS
     robust-ebm metrics  ... --model --samples --refclf --eval --out results/P/metrics/D/M/sS.json
     robust-ebm figures  --profile P --results results/P --out results/P/figures
+    robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md})
     robust-ebm tables   --profile P --results results/P --out results/P/tables
     robust-ebm bench    [--model wrn28_10] [--batch 64] [--methods ...] [--device auto]
     robust-ebm dvc-yaml [--out dvc.yaml] [--check]
@@ -23,6 +24,7 @@ exits with 143 (130 for SIGINT).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -228,6 +230,9 @@ def _profile_stage(args, stage: str, call) -> None:
     with open_run(profile=profile.name, stage=stage, uri=profile.tracking.uri,
                   prefix=profile.tracking.experiment_prefix, project_dir=_project_dir(args)) as tracker:
         files = call(profile, Path(args.results), Path(args.out))
+        if isinstance(files, tuple):  # (files, numbers to log)
+            files, numbers = files
+            tracker.log_metrics(numbers)
         for path in files:
             tracker.log_artifact(path, artifact_path=stage)
         print(f"robust-ebm {stage}: {len(files)} files -> {args.out}")
@@ -237,6 +242,18 @@ def cmd_figures(args) -> None:
     from .figures import figures_stage
 
     _profile_stage(args, "figures", figures_stage)
+
+
+def cmd_claims(args) -> None:
+    from .claims import claims_stage, verdict_counts
+
+    def call(profile, results, out):
+        files = claims_stage(profile, results, out)
+        counts = verdict_counts(json.loads(files[0].read_text())["claims"])
+        print("claims: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        return files, {"claims": counts}
+
+    _profile_stage(args, "claims", call)
 
 
 def cmd_tables(args) -> None:
@@ -353,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default=None, help="the evaluate stage's JSON (energies of clean/adversarial)")
     p.add_argument("--out", required=True, help="JSON file")
     for name, func, text in (("figures", cmd_figures, "draw every figure from a profile's results"),
+                             ("claims", cmd_claims, "check the papers' claims on a profile's results"),
                              ("tables", cmd_tables, "paper-vs-ours tables (Markdown, CSV, LaTeX)")):
         p = add(name, func, text)
         p.add_argument("--results", required=True, help="results/<profile>")

@@ -382,19 +382,21 @@ class EnergyStatsConfig(Strict):
     n_examples: int = Field(10000, ge=1)
 
 
+class LandscapeConfig(Strict):
+    grid: int = Field(51, ge=3)
+    radius: Fraction = Field(1.74, gt=0.0, description="L2 radius of the plane; 8/255*sqrt(3072) ~ 1.74")
+    n_images: int = Field(4, ge=1)
+
+
 class MetricsConfig(Strict):
     inception: InceptionConfig = Field(default_factory=InceptionConfig)
     top_confident: TopConfidentConfig = Field(default_factory=TopConfidentConfig)
     refclf: RefClfConfig = Field(default_factory=RefClfConfig)
     fisher: FisherConfig = Field(default_factory=FisherConfig)
     energy: EnergyStatsConfig = Field(default_factory=EnergyStatsConfig)
+    landscape: LandscapeConfig | None = Field(
+        None, description="landscape statistics around the first n_images test images (JEAT Fig.2 claims); null: off")
     batch_size: int = Field(100, ge=1, description="images per forward pass (Inception, refclf, Fisher, energies)")
-
-
-class LandscapeConfig(Strict):
-    grid: int = Field(51, ge=3)
-    radius: Fraction = Field(1.74, gt=0.0, description="L2 radius of the plane; 8/255*sqrt(3072) ~ 1.74")
-    n_images: int = Field(4, ge=1)
 
 
 # WEAT Fig.2's panels in its order: PGD (evaluate's pgd column), then evaluation.histogram_attacks

@@ -31,9 +31,9 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .data import load_prepared
-from .energy import joint_energy, marginal_energy
 from .files import load_npz
 from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
+from .landscape import energy_landscape, plane_directions
 from .models import load_classifier
 from .papers import PublishedPoint, published_accuracy_points
 from .runtime import atomic_write_bytes, atomic_write_json, pick_device
@@ -50,44 +50,6 @@ def save_figure(fig: Figure, out_dir: Path, name: str, formats=("png", "pdf")) -
 
 
 # ----------------------------------------------------------------------------- energy landscape (JEAT Fig.2)
-
-def random_directions(shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two Gaussian directions of `shape`, each scaled to unit L2 norm."""
-    d1, d2 = torch.randn(2, *shape, generator=generator)
-    return d1 / d1.norm(), d2 / d2.norm()
-
-
-def grid_coordinates(radius: float, grid: int) -> torch.Tensor:
-    """`grid` points on [-radius, radius]; for odd `grid` the middle one is exactly 0 (the image itself)."""
-    half = (grid - 1) / 2
-    return radius * (torch.arange(grid, dtype=torch.float64) - half) / half
-
-
-@torch.no_grad()
-def energy_landscape(model, x0, y0: int, d1, d2, radius: float, grid: int, *, batch_size: int = 256) -> dict:
-    """E(x0 + a d1 + b d2, y0) and E(x0 + a d1 + b d2) on a grid x grid plane (a rows -> b columns).
-
-    Points are not clipped to [0,1]: the plot shows the energy function itself around x0.
-    Returns {"coords": (grid,), "E_xy": (grid, grid), "E_x": (grid, grid)} as numpy arrays.
-    """
-    device = next(model.parameters()).device
-    coords = grid_coordinates(radius, grid)
-    a, b = torch.meshgrid(coords, coords, indexing="ij")
-    offsets = a.reshape(-1, 1) * d1.reshape(1, -1).double() + b.reshape(-1, 1) * d2.reshape(1, -1).double()
-    points = (x0.reshape(1, -1).double() + offsets).float().view(-1, *x0.shape)
-    was_training = model.training
-    model.eval()
-    try:
-        e_xy, e_x = [], []
-        for chunk in torch.split(points, batch_size):
-            logits = model(chunk.to(device))
-            e_xy.append(joint_energy(logits, torch.full((len(chunk),), int(y0), device=device)).cpu())
-            e_x.append(marginal_energy(logits).cpu())
-    finally:
-        model.train(was_training)
-    return {"coords": coords.numpy(), "E_xy": torch.cat(e_xy).view(grid, grid).numpy(),
-            "E_x": torch.cat(e_x).view(grid, grid).numpy()}
-
 
 def _panel_grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     """(rows, columns) for n panels, at most `max_cols` per row."""
@@ -464,7 +426,7 @@ def _landscapes(record, fc, results_dir, dataset, methods, seed, splits, device)
     loaded = {m: load_classifier(p, map_location=device)[0].to(device) for m, p in models.items()}
     x_all = splits.test.images[: lc.n_images].float() / 255
     for i, (x0, y0) in enumerate(zip(x_all, splits.test.labels[: lc.n_images])):
-        d1, d2 = random_directions(x0.shape, torch.Generator().manual_seed(i))  # same plane for every model
+        d1, d2 = plane_directions(x0.shape, i)  # same plane for every model (and for metrics' landscape statistics)
         panels = {m: energy_landscape(model, x0, int(y0), d1, d2, lc.radius, lc.grid) for m, model in loaded.items()}
         for kind, word in (("E_xy", "joint"), ("E_x", "marginal")):
             title = (f"{'E(x,y)' if kind == 'E_xy' else 'E(x)'} around test image {i} (class {splits.classes[int(y0)]}), "

@@ -14,6 +14,7 @@ Jobs of profile P (everything under results/P/):
     generate  per run                           results/P/samples/D/M/sS/
     metrics   per run (needs the reference)     results/P/metrics/D/M/sS.json
     figures   one                               results/P/figures/
+    claims    one                               results/P/claims.{json,csv,md}
     tables    one                               results/P/tables/
 
 The metrics stage scores samples with a reference classifier: the `standard`
@@ -41,7 +42,8 @@ from typing import Any
 
 PARAMS_FILE = "params.yaml"
 RUN_STAGES = ("train", "evaluate", "generate", "metrics")
-STAGES = ("data", *RUN_STAGES, "figures", "tables")
+STAGES = ("data", *RUN_STAGES, "figures", "claims", "tables")
+PROFILE_STAGES = ("figures", "claims", "tables")  # one job per profile, fan-in of every run
 GPU_STAGES = RUN_STAGES  # resources: gpu=1 on a non-CPU profile
 
 # File patterns relative to the repository root. {results} is params
@@ -58,12 +60,16 @@ PATTERNS = {
     "metrics_energies": "{results}/{profile}/metrics/{dataset}/{method}/s{seed}.energies.npz",
     "refclf": "{results}/{profile}/models/{dataset}/{refclf}/s{seed}/model.pt",
     "figures": "{results}/{profile}/figures",
+    "claims_json": "{results}/{profile}/claims.json",
+    "claims_csv": "{results}/{profile}/claims.csv",
+    "claims_md": "{results}/{profile}/claims.md",
     "tables": "{results}/{profile}/tables",
 }
 LOGS = {
     "data": "logs/{profile}/data/{dataset}.log",
     **{s: f"logs/{{profile}}/{s}/{{dataset}}-{{method}}-s{{seed}}.log" for s in RUN_STAGES},
     "figures": "logs/{profile}/figures.log",
+    "claims": "logs/{profile}/claims.log",
     "tables": "logs/{profile}/tables.log",
 }
 # What each stage reads and writes (keys of PATTERNS).
@@ -81,6 +87,7 @@ OUTPUTS = {
     "generate": ("samples",),
     "metrics": ("metrics", "metrics_energies"),
     "figures": ("figures",),
+    "claims": ("claims_json", "claims_csv", "claims_md"),
     "tables": ("tables",),
 }
 # The package code a stage runs; a change reruns the stage in both tools. Derived from the
@@ -242,12 +249,14 @@ COMMANDS = {
     "metrics": _HEAD + _RUN + " --model {model} --samples {samples} --refclf {refclf}"
     " --eval {eval} --out {metrics} --log {log}",
     "figures": _HEAD + " --results {results}/{profile} --out {figures} --log {log}",
+    "claims": _HEAD + " --results {results}/{profile} --out {results}/{profile} --log {log}",
     "tables": _HEAD + " --results {results}/{profile} --out {tables} --log {log}",
 }
 WILDCARDS = {
     "data": ("profile", "dataset"),
     **{s: ("profile", "dataset", "method", "seed") for s in RUN_STAGES},
     "figures": ("profile",),
+    "claims": ("profile",),
     "tables": ("profile",),
 }
 
@@ -360,7 +369,7 @@ class Plan:
 
     def _job(self, stage: str, wildcards: dict[str, Any], *, reference: bool = False) -> Job:
         v = self.values(stage, wildcards)
-        if stage in ("figures", "tables"):
+        if stage in PROFILE_STAGES:
             inputs = self.fan_in(stage)
         else:
             keys = [k for k in INPUTS[stage] if not (k == "refclf" and self.refclf_method is None)]
@@ -379,6 +388,11 @@ class Plan:
     def fan_in(self, stage: str) -> tuple[str, ...]:
         """Inputs of the profile-wide stages: explicit file lists, never a glob."""
         files: list[str] = []
+        if stage == "claims":  # the numbers: evaluate and metrics outputs of every run (DVC: their folders)
+            for d, m, s in self.runs:
+                v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
+                files += [v["eval"], v["eval_energies"], v["metrics"], v["metrics_energies"]]
+            return tuple(files)
         for d, m, s in self.runs + self.reference_runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
             files += [v["model"], v["train_json"]]
@@ -387,7 +401,8 @@ class Plan:
             files += [v["eval"], v["eval_energies"], v["metrics"], v["metrics_energies"]]
             files += [v["samples"]] if stage == "figures" else []
         if stage == "tables":
-            files.append(self.values(stage, {"profile": self.profile})["figures"])
+            v = self.values(stage, {"profile": self.profile})
+            files += [v["figures"], v["claims_json"]]
         return tuple(files)
 
     @cached_property
@@ -400,7 +415,7 @@ class Plan:
         for stage in ("evaluate", "generate", "metrics"):
             jobs += [self._job(stage, {"profile": P, "dataset": d, "method": m, "seed": s})
                      for d, m, s in self.runs]
-        jobs += [self._job("figures", {"profile": P}), self._job("tables", {"profile": P})]
+        jobs += [self._job(stage, {"profile": P}) for stage in PROFILE_STAGES]
         return jobs
 
     def job(self, stage: str, **wildcards) -> Job:
@@ -419,6 +434,8 @@ class Plan:
             payload: Any = c.dataset(wildcards["dataset"]).model_dump(mode="json", exclude={"root"})
         elif stage in RUN_STAGES:
             return run_settings_digest(c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])), stage)
+        elif stage == "claims":  # the claims read no figure setting
+            payload = {"runs": self.runs, "seeds": c.seeds, "metrics": c.metrics, "table_datasets": c.table_datasets}
         else:
             payload = {"runs": self.runs, "figures": c.figures, "metrics": c.metrics,
                        "table_datasets": c.table_datasets}
@@ -483,6 +500,8 @@ def params_keys(stage: str, wildcards: dict[str, Any]) -> tuple[str, ...]:
         return ("metrics", "paths.inception_weights", *common)
     if stage == "figures":
         return ("figures", *common)
+    if stage == "claims":
+        return ("metrics", *common)  # table_datasets, seeds, runs (profile); IS splits (metrics)
     return ("evaluation", "metrics", *common)  # tables: captions state the protocols
 
 
@@ -510,16 +529,19 @@ _DVC_HEADER = """\
 # Stage names: <stage>@<profile>[-<dataset>[-<method>-s<seed>]], e.g. train@smoke-digits-jem-s0.
 #   dvc repro tables@smoke       the smoke profile (CPU, minutes)
 #   dvc repro tables@paper       every paper table (GPU days)
-# Fan-in stages (figures, tables) depend on results directories, whose producers DVC finds.
+# Fan-in stages (figures, claims, tables) depend on results directories, whose producers DVC finds.
 """
 
 
 def _dvc_stage(stage: str, items, template: dict[str, str], plan: "Plan") -> dict:
     """One foreach stage: `items` are the explicit job wildcards, `do` the templated job."""
-    if stage in ("figures", "tables"):
+    if stage in PROFILE_STAGES:
         root = "{results}/${{item}}".format(results=plan.results)
-        deps = [f"{root}/{d}" for d in ("models", "eval", "metrics")]
-        deps += [f"{root}/samples"] if stage == "figures" else [f"{root}/figures"]
+        if stage == "claims":
+            deps = [f"{root}/{d}" for d in ("eval", "metrics")]
+        else:
+            deps = [f"{root}/{d}" for d in ("models", "eval", "metrics")]
+            deps += [f"{root}/samples"] if stage == "figures" else [f"{root}/figures", f"{root}/claims.json"]
     else:
         keys = [k for k in INPUTS[stage] if not (k == "refclf" and plan.refclf_method is None)]
         deps = [template[k] for k in keys]
@@ -549,7 +571,7 @@ def dvc_yaml(params, profiles: list[str] | None = None, params_file: str = PARAM
         for plan in plans:
             for job in (j for j in plan.jobs if j.stage == stage):
                 items[job.name] = dict(job.wildcards)
-        if stage in ("figures", "tables"):
+        if stage in PROFILE_STAGES:
             items = list(items)  # foreach over profile names: ${item}
         stages[stage] = _dvc_stage(stage, items, plans[0].template(stage, "dvc"), plans[0])
     body = yaml.safe_dump({"stages": stages}, sort_keys=False, width=1000, default_flow_style=None)

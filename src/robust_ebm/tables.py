@@ -570,5 +570,14 @@ def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
               "| paper | table | files | rows | cells of ours with a number |", "|---|---|---|---|---|", *index,
               "", "## Figures", ""]
     readme += _figure_index(figures_dir, figures) or ["(no figures found)"]
+    claims = results_dir / "claims.json"
+    readme += ["", "## Claims", ""]
+    if claims.is_file():
+        counts = json.loads(claims.read_text()).get("summary", {})
+        readme.append("The papers' claims checked on these results: [claims.md](../claims.md) "
+                      "([csv](../claims.csv), [json](../claims.json)); "
+                      + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".")
+    else:
+        readme.append("(no claims.json: run the claims stage, `robust-ebm claims`)")
     written.append(atomic_write_text(out_dir / "README.md", "\n".join(readme) + "\n"))
     return written

@@ -1,4 +1,4 @@
-# Profile-wide stages: figures and tables of results/<profile>/, and the
+# Profile-wide stages: figures, claims and tables of results/<profile>/, and the
 # results/tables link to the active profile's tables. The report groups figures by kind and
 # method (robust_ebm.report reads figures.json) and shows each table inline as its HTML page.
 
@@ -17,6 +17,18 @@ rule figures:
     params: settings=planned("figures", "settings")
     conda: ENV
     shell: shell_command("figures")
+
+
+rule claims:
+    input: planned("claims", "inputs")
+    output:
+        pattern("claims", "claims_json"),
+        pattern("claims", "claims_csv"),
+        report(pattern("claims", "claims_md"), caption="../report/claims.rst", category="Claims"),
+    log: pattern("claims", "log")
+    params: settings=planned("claims", "settings")
+    conda: ENV
+    shell: shell_command("claims")
 
 
 rule tables:

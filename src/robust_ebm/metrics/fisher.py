@@ -87,6 +87,7 @@ def fisher_scores(
         raise ValueError(f"fisher_scores needs matching non-empty images/labels, got {len(images)} and {len(labels)}")
     device = next(model.parameters()).device
     sums = dict.fromkeys(("jfs_half_grad_sq", "jfs_trace", "mfs_half_grad_sq", "mfs_trace"), 0.0)
+    squares = {"jfs": 0.0, "mfs": 0.0}  # sum of squared per-image scores, for the spread over images
     with _eval_without_param_grads(model):
         batches = zip(torch.split(images, batch_size), torch.split(labels, batch_size))
         for xb, yb in tqdm(batches, total=-(-len(images) // batch_size), desc="fisher scores", leave=False):
@@ -96,10 +97,17 @@ def fisher_scores(
                 half_sq, trace = score_matching_terms(energy, x, probes, generator)
                 sums[f"{name}_half_grad_sq"] += half_sq.sum().item()
                 sums[f"{name}_trace"] += trace.sum().item()
-    means = {k: v / len(images) for k, v in sums.items()}
+                squares[name] += (half_sq - trace).double().pow(2).sum().item()
+    n = len(images)
+    means = {k: v / n for k, v in sums.items()}
+    scores = {name: means[f"{name}_half_grad_sq"] - means[f"{name}_trace"] for name in squares}
+    # std over images of the per-image score (Hutchinson noise included): the claims stage's standard error
+    spread = {f"{name}_std": (max(squares[name] - n * scores[name] ** 2, 0.0) / (n - 1)) ** 0.5 if n > 1 else 0.0
+              for name in squares}
     return {
-        "jfs": means["jfs_half_grad_sq"] - means["jfs_trace"],
-        "mfs": means["mfs_half_grad_sq"] - means["mfs_trace"],
+        "jfs": scores["jfs"],
+        "mfs": scores["mfs"],
+        **spread,
         **means,
         "probes": "exact" if probes is None else probes,
         "n": len(images),

@@ -4,6 +4,9 @@ Reads one run's model, its samples (`generate.json` + `<generator>.npz`), the pr
 reference classifier and the evaluate stage's energies; writes `out_path` (JSON) and, beside it,
 `<out>.energies.npz` with E(x), E(x,y) of each generator's samples (for the figures).
 
+`landscape` (when `metrics.landscape` is set): statistics of E(x,y) and E(x) on a plane around each of
+the first n_images test images (robust_ebm.landscape; JEAT Fig.2 as numbers, read by the claims stage).
+
 Every number carries the name of what was computed:
   is_inception_n{N}, is_std_inception_n{N}, fid_inception_n{N}   Inception, N = samples really used
   fid_refclf, is_refclf, class_consistency_refclf                  reference-classifier stand-in
@@ -30,6 +33,7 @@ import torch
 
 from ..data import load_prepared
 from ..files import BadFileError, load_npz
+from ..landscape import landscape_statistics
 from ..model_sources import is_model_available
 from ..models import load_for_run
 from ..runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
@@ -238,6 +242,12 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
                                      torch.as_tensor(splits.test.labels[:n_fisher]).long(),
                                      probes=cfg.fisher.probes, batch_size=cfg.batch_size,
                                      generator=torch.Generator().manual_seed(run.seed))
+    if cfg.landscape is not None:
+        n_land = min(cfg.landscape.n_images, len(splits.test.labels))
+        result["landscape"] = landscape_statistics(
+            model, torch.as_tensor(splits.test.images[:n_land]).float() / 255,
+            torch.as_tensor(splits.test.labels[:n_land]).long(), radius=cfg.landscape.radius,
+            grid=cfg.landscape.grid, batch_size=cfg.batch_size)
     if "clean" in sets:
         result["energy"] = energy_report(sets, reference="clean", paired=tuple(eval_sets))
     else:
@@ -252,6 +262,6 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(out_path, result)
     if tracker is not None:
-        tracker.log_metrics({"metrics": {k: result[k] for k in ("generators", "fisher", "energy")}})
+        tracker.log_metrics({"metrics": {k: result[k] for k in ("generators", "fisher", "energy", "landscape") if k in result}})
         tracker.log_artifact(out_path)
     return result
