@@ -4,7 +4,7 @@ already computed is lost (issue 14 items 3, 4, 8; issue 11 item 2).
 Params faults are checked in process (one parametrized case per malformed file) and, for a few
 representative files, through each front end: `robust-ebm check`, every stage command and
 `snakemake -n` (in a copy of the repository). File faults go through the functions every stage
-uses to read its inputs; fallbacks through the stages that take them. docs/reliability_inputs.md
+uses to read its inputs; fallbacks through the stages that take them. docs/reliability.md (bad input)
 tabulates these tests.
 """
 
