@@ -170,7 +170,6 @@ def test_every_problem_is_reported_at_once(raw):
 
 
 def test_method_params_are_checked_by_the_methods_package(raw):
-    pytest.importorskip("robust_ebm.methods")
     msg = invalid(raw, lambda d: d["methods"]["trades"]["params"].update(gamma=1.0))
     assert "methods.trades.params" in msg and "gamma" in msg
 
