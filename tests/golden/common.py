@@ -75,9 +75,11 @@ class Reference:
             for key in list(added):
                 sys.modules.pop(key, None)
             for key, mod in list(sys.modules.items()):
-                origin = getattr(mod, "__file__", None) or ""
-                if key != mod_name and origin.startswith(str(self.root)):
-                    sys.modules.pop(key, None)
+                path = getattr(mod, "__path__", None)
+                places = [getattr(mod, "__file__", None) or "", *(path if isinstance(path, (list, tuple)) or
+                                                                  type(path).__name__ == "_NamespacePath" else [])]
+                if key != mod_name and any(str(p).startswith(str(self.root)) for p in places):
+                    sys.modules.pop(key, None)   # also namespace packages (folders without __init__.py)
 
     def source(self, relpath: str, function: str) -> dict:
         """Provenance of one reference function, stored in every fixture."""

@@ -5,6 +5,9 @@
 Each `tests/golden/gen_<family>.py` defines `generate(refs) -> list[Path]`, where `refs` maps
 "owner/name" to a `common.Reference`; a family whose repositories are absent is reported, not skipped
 silently. Reference code is imported at run time from the checkouts and never copied here.
+The `generate` family also needs torchattacks 3.5.1 (WEAT's pin, no project dependency) importable,
+e.g. `pip download torchattacks==3.5.1 --no-deps` unpacked onto PYTHONPATH. On 2026-11-30 every fixture
+regenerated bit-identically from the commits listed in docs/provenance.md (2 CPU cores, ~5 min).
 """
 
 from __future__ import annotations
