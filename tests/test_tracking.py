@@ -195,6 +195,10 @@ def test_parent_run_carries_settings_as_params_and_headline_numbers_as_metrics(u
     assert p["method.optim.betas"] == json.dumps(run.method.optim.betas, separators=(",", ":"))
     assert not [k for k in p if k.startswith(("training.", "evaluation.", "paths.", "tracking."))]
     assert parent.data.metrics == HEADLINE  # short names, results only: no setting among the metrics
+    view = json.loads(client.get_experiment(exp.experiment_id).tags[tracking.VIEW_TAG])  # the runs table's columns
+    columns = view["selectedColumns"]
+    assert {f"metrics.`{k}`" for k in HEADLINE} <= set(columns) and "params.`method.loss`" in columns
+    assert columns.index("metrics.`acc/clean`") < columns.index("metrics.`fid_refclf/sgld`")
     assert sorted(c.info.run_name for c in children) == ["jem/s0/evaluate", "jem/s0/metrics", "jem/s0/train"]
     for child in children:
         stage = child.data.tags["stage"]

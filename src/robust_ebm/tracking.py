@@ -2,7 +2,8 @@
 (method, seed, settings), one nested child run per stage.
 
     experiment  robust-ebm/<profile>/<dataset>        (figures/tables: robust-ebm/<profile>)
-                tag mlflow.experimentKind=custom_model_development (MLflow 3: classic ML, not GenAI)
+                tag mlflow.experimentKind=custom_model_development (MLflow 3: classic ML, not GenAI);
+                a saved runs-table view 'headline' (VIEW_TAG) with the parents' headline columns
     parent run  <method>/s<seed>                       tags role=parent, method, seed, settings digest
                 params  the run's settings: method.*, model.*, data.*, seed   (`run_settings`)
                 metrics the headline numbers of its stages: acc/clean, acc/pgd, acc/autoattack,
@@ -70,6 +71,10 @@ HOST_TAG, PROCESS_TAG = "robust_ebm.host", "robust_ebm.process"
 SETTINGS_TAG = "robust_ebm.settings"
 # MLflow 3 experiment kind (values in mlflow's UI: genai_development, custom_model_development)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# a saved runs-table view (MLflow UI: #/experiments/<id>/runs?viewStateShareKey=headline): the headline columns
+VIEW_TAG, VIEW_PARAMS = "mlflow.sharedViewState.headline", ("method.loss", "model.arch", "method.schedule.epochs")
+HEADLINE_ORDER = ("acc/", "val_selected/", "is/", "fid/", "is_refclf/", "fid_refclf/", "consistency_refclf/",
+                  "gap/", "gap_Ex/", "delta_Ex/", "fisher/")
 PARAM_VALUE_CHARS = 500  # MLflow's historic limit (3.x stores 6000); short enough for the runs table
 # parent params: prefix -> RunConfig field; child params: stage -> the RunConfig section it reads
 RUN_SECTIONS = {"method": "method", "model": "model", "data": "dataset"}
@@ -412,6 +417,22 @@ def _settle_parent(client, experiment_id: str, parent_id: str) -> str:
     return status
 
 
+def _update_view(client, experiment_id: str, parent_id: str) -> None:
+    """Keep the experiment's saved runs-table view (VIEW_TAG) showing every headline metric of the parents
+    and a few settings. Call under the lock (several stage processes update it)."""
+    keys = set(client.get_run(parent_id).data.metrics)
+    tags = client.get_experiment(experiment_id).tags
+    old = json.loads(tags.get(VIEW_TAG, "{}")).get("selectedColumns", [])
+    known = {c[len("metrics.`"):-1] for c in old if c.startswith("metrics.`")}
+    if keys <= known and old:
+        return
+    order = lambda k: (next((i for i, p in enumerate(HEADLINE_ORDER) if k.startswith(p)), len(HEADLINE_ORDER)), k)  # noqa: E731
+    columns = [f"params.`{k}`" for k in VIEW_PARAMS] + [f"metrics.`{k}`" for k in sorted(keys | known, key=order)]
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps({"selectedColumns": columns,
+                                                                    "orderByKey": "attributes.start_time",
+                                                                    "orderByAsc": False}))
+
+
 def end_status(error: BaseException | None) -> str:
     """FINISHED (no error), KILLED (interrupt: SIGINT, or SIGTERM via cli), FAILED (anything else)."""
     if error is None:
@@ -474,6 +495,7 @@ def open_run(*, profile: str, stage: str, dataset: str | None = None, method: st
             client.set_terminated(run.info.run_id, status)
             if parent_id:
                 _settle_parent(client, exp_id, parent_id)
+                _update_view(client, exp_id, parent_id)
 
 
 @contextlib.contextmanager
