@@ -130,6 +130,9 @@ def _stage_results():
                                        "is_inception_n10": 3.1, "fid_inception_n10": 120.0, "n_ref": 500,
                                        "protocols": {"uniform": {"requested": 50, "n": 40, "keys_suffix": "inception_n40"},
                                                      "small": {"requested": 10, "n": 10, "keys_suffix": "inception_n10"}},
+                                       "top_confident": {"is_top10pct": 4.0, "is_std_top10pct": 0.1, "n_top10pct": 30,
+                                                         "fid_top10pct": 70.0, "fid_top7": "not computed: the top 7 holds 1 image(s)",
+                                                         "protocol": "JEM++ cond_is_fid"},
                                        "refclf": {"fid_refclf": 1.5, "is_refclf": 6.7, "class_consistency_refclf": 0.95,
                                                   "n": 40, "n_ref": 1237}}},
                "fisher": {"jfs": 0.17, "mfs": 0.28, "n": 32, "probes": 1},
@@ -142,7 +145,7 @@ def _stage_results():
 
 
 HEADLINE = {"acc/clean": 0.9, "acc/pgd": 0.4, "acc/energy_attack": 0.5, "acc/autoattack": 0.35,
-            "is/sgld": 3.5, "fid/sgld": 80.0, "fid_refclf/sgld": 1.5, "is_refclf/sgld": 6.7,
+            "is/sgld": 3.5, "fid/sgld": 80.0, "is_top10pct/sgld": 4.0, "fid_top10pct/sgld": 70.0, "fid_refclf/sgld": 1.5, "is_refclf/sgld": 6.7,
             "consistency_refclf/sgld": 0.95, "fisher/jfs": 0.17, "fisher/mfs": 0.28, "gap/clean_adv": 0.22,
             "gap_Ex/clean_adv": -0.006, "delta_Ex/clean_adv": 0.006, "gap/clean_gen/sgld": -0.7,
             "val_selected/clean_acc": 0.6, "val_selected/pgd_acc": 0.3}

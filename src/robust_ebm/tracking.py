@@ -73,7 +73,7 @@ SETTINGS_TAG = "robust_ebm.settings"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # a saved runs-table view (MLflow UI: #/experiments/<id>/runs?viewStateShareKey=headline): the headline columns
 VIEW_TAG, VIEW_PARAMS = "mlflow.sharedViewState.headline", ("method.loss", "model.arch", "method.schedule.epochs")
-HEADLINE_ORDER = ("acc/", "val_selected/", "is/", "fid/", "is_refclf/", "fid_refclf/", "consistency_refclf/",
+HEADLINE_ORDER = ("acc/", "val_selected/", "is/", "fid/", "is_top", "fid_top", "is_refclf/", "fid_refclf/", "consistency_refclf/",
                   "gap/", "gap_Ex/", "delta_Ex/", "fisher/")
 PARAM_VALUE_CHARS = 500  # MLflow's historic limit (3.x stores 6000); short enough for the runs table
 # parent params: prefix -> RunConfig field; child params: stage -> the RunConfig section it reads
@@ -267,7 +267,8 @@ def _evaluate_numbers(r: dict) -> tuple[dict, dict]:
 
 
 def _metrics_numbers(r: dict) -> tuple[dict, dict]:
-    """Per generator: IS/FID (Inception, uniform protocol), the refclf stand-ins; Fisher scores; the energy
+    """Per generator: IS/FID (Inception, uniform protocol; the papers' top-confident buffer protocol), the
+    refclf stand-ins; Fisher scores; the energy
     gaps (EB-JDAT Tab.1: mean E(x,y) of set - clean; WEAT ΔE: paired mean of E(x) clean - adversarial)."""
     headline, run = {}, {}
     for gen, entry in (r.get("generators") or {}).items():
@@ -277,6 +278,9 @@ def _metrics_numbers(r: dict) -> tuple[dict, dict]:
         uniform = ((entry.get("protocols") or {}).get("uniform") or {}).get("keys_suffix")  # inception_n<N>
         if uniform:
             headline[f"is/{gen}"], headline[f"fid/{gen}"] = entry.get(f"is_{uniform}"), entry.get(f"fid_{uniform}")
+        for key, value in (entry.get("top_confident") or {}).items():  # the papers' buffer protocol: fid_top10pct
+            if key.startswith(("is_top", "fid_top")):
+                headline[f"{key}/{gen}"] = value
         refclf = entry.get("refclf") or {}
         headline |= {f"fid_refclf/{gen}": refclf.get("fid_refclf"), f"is_refclf/{gen}": refclf.get("is_refclf"),
                      f"consistency_refclf/{gen}": refclf.get("class_consistency_refclf")}
