@@ -398,7 +398,7 @@ def _logging_worker(uri, project_dir, index):
         t.log_params({"worker": index, "settings": {f"p{k}": k for k in range(150)}})  # > one params batch
         for step in range(5):
             t.log_metrics({"loss": float(index), "acc": {"clean": step / 10}}, step=step)
-        t.log_summary(stage, {"accuracy": index / 10})
+        t.log_summary("evaluate", {"columns": {"clean": {"accuracy": index / 10}}})
         t.log_artifact(artifact, artifact_path=stage)
 
 
@@ -424,8 +424,7 @@ def test_eight_stage_processes_on_one_fresh_sqlite_store(uri, tmp_path):
         assert [m.value for m in client.get_metric_history(child.info.run_id, "acc.clean")] == [0, .1, .2, .3, .4]
         stage = child.data.tags["stage"]
         assert [a.path for a in client.list_artifacts(child.info.run_id, stage)] == [f"{stage}/artifact{i}.json"]
-    assert all(p.info.status == "FINISHED" and {"train.accuracy", "evaluate.accuracy"} <= set(p.data.metrics)
-               for p in parents)
+    assert all(p.info.status == "FINISHED" and set(p.data.metrics) == {"acc/clean"} for p in parents)
 
 
 def test_two_snakemake_runs_on_one_results_folder_do_not_overlap(tmp_path):

@@ -81,6 +81,9 @@ class RecordingTracker:
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append(str(path))
 
+    def log_image(self, path, key, step=0):
+        self.artifacts.append(str(path))
+
     def set_tags(self, d):
         self.tags.append(d)
 
@@ -112,7 +115,8 @@ def test_two_epochs_write_every_output(tmp_path, capsys):
     assert meta["epoch"] == 2 and meta["select_rule"] == "last" and meta["method"] == "pgd_at"
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")   # weights_only load works
     assert ckpt["progress"]["epoch"] == 2
-    assert tracker.params and any("train/ce_adv" in d for _, d in tracker.metrics)
+    assert not tracker.params  # settings are logged where the MLflow run is opened (tracking.open_stage_run)
+    assert any("train/ce_adv" in d and "train/loss" in d for _, d in tracker.metrics)
     assert any("val/pgd_acc" in d for _, d in tracker.metrics)
 
 

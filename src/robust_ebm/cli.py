@@ -100,12 +100,12 @@ def _finish(tracker, stage: str, result, outputs: list) -> None:
 
 
 def _run_stage(args, stage: str, call, outputs) -> None:
-    """Resolve the run, open its MLflow child run, call the stage, log what it returns."""
+    """Resolve the run, open its MLflow child run (settings logged as params there), call the stage,
+    log what it returns."""
     from .tracking import open_stage_run
 
     run = _run_config(args)
     with open_stage_run(run, stage, project_dir=_project_dir(args)) as tracker:
-        tracker.log_params(run.to_dict())
         result = call(run, tracker)
         _finish(tracker, stage, result, outputs)
 
@@ -223,7 +223,9 @@ def cmd_metrics(args) -> None:
                                             refclf, evaluation, out, tracker=t, source=source), [out])
 
 
-def _profile_stage(args, stage: str, call) -> None:
+def _profile_stage(args, stage: str, call, after=None) -> None:
+    """A stage over a whole profile: its own run in experiment <prefix>/<profile>; `after(tracker, profile,
+    files)` may log more (the figures of one run into that run's parent)."""
     from .tracking import open_run
 
     _, profile = _profile_config(args)
@@ -235,13 +237,21 @@ def _profile_stage(args, stage: str, call) -> None:
             tracker.log_metrics(numbers)
         for path in files:
             tracker.log_artifact(path, artifact_path=stage)
+        if after is not None:
+            after(tracker, profile, files)
         print(f"robust-ebm {stage}: {len(files)} files -> {args.out}")
 
 
 def cmd_figures(args) -> None:
     from .figures import figures_stage
+    from .tracking import log_run_figures, run_settings
 
-    _profile_stage(args, "figures", figures_stage)
+    def to_parents(tracker, profile, files):
+        index = next(p for p in files if Path(p).name == "figures.json")
+        log_run_figures(tracker, index, lambda d, m, s: run_settings(profile.run(d, m, s).to_dict()),
+                        profile=profile.name, prefix=profile.tracking.experiment_prefix or "robust-ebm")
+
+    _profile_stage(args, "figures", figures_stage, after=to_parents)
 
 
 def cmd_claims(args) -> None:

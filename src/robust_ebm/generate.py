@@ -338,8 +338,8 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
                       class_counts=np.bincount(ys, minlength=num_classes).tolist())
         report["generators"][name] = record
         atomic_write_json(json_path, report)  # progress survives a crash in the next generator
-        if tracker is not None:
-            tracker.log_artifact(grid)
+        if tracker is not None:  # one image series per generator, the same key for every method
+            tracker.log_image(grid, f"samples/{name}")
     atomic_write_json(json_path, report)
     if tracker is not None:
         tracker.log_metrics({f"generate/{n}_seconds": r["seconds"] for n, r in report["generators"].items() if r.get("seconds")})

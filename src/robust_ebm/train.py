@@ -427,7 +427,7 @@ class Trainer:
     def _epoch_steps(self, bar, epoch: int, max_steps) -> bool:
         """The remaining steps of one epoch; False when max_steps stopped the run first."""
         t, p = self.run.training, self.progress
-        window, seen, epoch_images, tic = [], 0, 0, time.perf_counter()
+        window, losses, seen, epoch_images, tic = [], [], 0, 0, time.perf_counter()
         for batch in bar:
             if max_steps is not None and p["global_step"] >= max_steps:
                 self._account(seen)
@@ -442,11 +442,12 @@ class Trainer:
             seen += batch.x.shape[0]
             epoch_images += batch.x.shape[0]
             window.append(out.terms)
+            losses.append(out.loss.detach())  # stays on the device until the window is logged
             if p["global_step"] % t.log_every_steps == 0:
                 rate = epoch_images / max(time.perf_counter() - tic, 1e-9)
-                self._log_window(window, out, rate)
+                self._log_window(window, losses, out, rate)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in out.terms.items()} | {"img/s": f"{rate:.0f}"})
-                window = []
+                window, losses = [], []
             if t.checkpoint_every_steps and p["global_step"] % t.checkpoint_every_steps == 0 \
                     and p["step_in_epoch"] < self.streams.steps_per_epoch:
                 self._account(seen)
@@ -455,11 +456,14 @@ class Trainer:
         self._account(seen)
         return True
 
-    def _log_window(self, window, out, rate) -> None:
+    def _log_window(self, window, losses, out, rate) -> None:
+        """Window means of the method's loss terms (train/<term>) and of its total loss (train/loss, the
+        key every method shares, so MLflow overlays the curves of several methods)."""
         if self.tracker is None:
             return
         keys = window[-1].keys()
         metrics = {f"train/{k}": sum(w[k] for w in window) / len(window) for k in keys}
+        metrics["train/loss"] = torch.stack(losses).float().mean().item()
         metrics |= {f"energy/{k}": v.float().mean().item() for k, v in out.energies.items()}
         metrics |= {"train/lr": self.schedule.get_last_lr()[0], "train/images_per_s": rate}
         self.tracker.log_metrics(metrics, step=self.progress["global_step"])
@@ -507,7 +511,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(samples[:64].float().clamp(0, 1).cpu(), path, nrow=8)
         if self.tracker is not None:
-            self.tracker.log_artifact(path, "grids")
+            self.tracker.log_image(path, "train/samples", step=epoch)
 
     # ---- outputs
     def finish(self, complete: bool) -> dict:
@@ -560,9 +564,7 @@ def train_splits(run, splits, stats, out_dir, tracker=None, *, max_steps: int | 
     validate_run(run)  # the load-time checks again: a RunConfig may have been edited since
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(run, splits, stats, out_dir, tracker)
-    if tracker is not None:
-        tracker.log_params(run.to_dict())
+    trainer = Trainer(run, splits, stats, out_dir, tracker)  # settings are logged where the run is opened
     reason = trainer.stale_reason() if resume and trainer.ckpt_path.exists() else None
     if reason is None and resume and trainer.ckpt_path.exists():
         trainer.load()

@@ -261,7 +261,6 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     result["fallbacks"] = fallbacks
     result["seconds"] = round(time.time() - t0, 3)
     atomic_write_json(out_path, result)
-    if tracker is not None:
-        tracker.log_metrics({"metrics": {k: result[k] for k in ("generators", "fisher", "energy", "landscape") if k in result}})
+    if tracker is not None:  # the caller logs the numbers of `result` (tracking.stage_numbers): no settings
         tracker.log_artifact(out_path)
     return result
