@@ -40,8 +40,8 @@ def adopt(plan: Plan, root: Path) -> tuple[list[str], list[str]]:
     names, missing = adoptable(plan, root)
     wanted = set(names)
     with Repo(str(root)) as repo, lock_repo(repo):
-        stages = [s for s in repo.index.stages if s.addressing in wanted]
-        unknown = wanted - {s.addressing for s in stages}
+        stages = [s for s in repo.index.stages if s.name in wanted]
+        unknown = wanted - {s.name for s in stages}
         if unknown:
             raise ValueError(f"dvc.yaml has no stage {sorted(unknown)[0]} (and {len(unknown) - 1} more): "
                              "it is stale; run `robust-ebm dvc-yaml` first")
@@ -53,4 +53,4 @@ def adopt(plan: Plan, root: Path) -> tuple[list[str], list[str]]:
             by_file.setdefault(stage.dvcfile.path, []).append(stage)
         for group in by_file.values():
             group[0].dvcfile.dump_stages(group, update_pipeline=False)
-    return [s.addressing for s in stages], missing
+    return [s.name for s in stages], missing

@@ -409,7 +409,7 @@ class Plan:
             return tuple(files)
         for d, m, s in self.runs + self.reference_runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
-            files += [v["model"], v["train_json"]]
+            files += [v["model"], v["train_json"], v["dynamics"]]
         for d, m, s in self.runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
             files += [v["eval"], v["eval_energies"], v["metrics"], v["metrics_energies"]]
