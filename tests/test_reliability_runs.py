@@ -75,6 +75,8 @@ def results_tree(tmp_path_factory):
                              text=True, env=hermetic_env(tmp, PYTHONPATH=str(root / "src")), timeout=900)
     assert adopted.returncode == 0 and "77 stages of profile smoke recorded" in adopted.stdout, adopted.stderr
     assert _dvc_changed(root, tmp) == {}  # the Snakemake run is DVC's now: every smoke stage up to date
+    still = snakemake(["-n", "--cores", "1", TARGET, "--config", f"profile={PROFILE}"], root, env)
+    assert "Nothing to be done" in still.stdout + still.stderr, still.stdout + still.stderr  # and still Snakemake's
     return root, env, tmp
 
 

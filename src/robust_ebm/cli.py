@@ -8,7 +8,7 @@
     robust-ebm generate ... --model model.pt --out results/P/samples/D/M/sS
     robust-ebm metrics  ... --model --samples --refclf --eval --out results/P/metrics/D/M/sS.json
     robust-ebm figures  --profile P --results results/P --out results/P/figures
-    robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md})
+    robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md}, summary.json)
     robust-ebm tables   --profile P --results results/P --out results/P/tables
     robust-ebm bench    [--model wrn28_10] [--batch 64] [--methods ...] [--device auto]
     robust-ebm settings --profile P --out results/P/settings.json   (DVC's settings step)

@@ -9,12 +9,12 @@ byte, whichever tool runs it (tests/test_dag_sync.py checks it).
 Jobs of profile P (everything under results/P/):
 
     data      per data set                      results/P/data/D/
-    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json}
+    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json,dynamics.json}
     evaluate  per run                           results/P/eval/D/M/sS.json
     generate  per run                           results/P/samples/D/M/sS/
     metrics   per run (needs the reference)     results/P/metrics/D/M/sS.json
     figures   one                               results/P/figures/
-    claims    one                               results/P/claims.{json,csv,md}
+    claims    one                               results/P/claims.{json,csv,md}, results/P/summary.json
     tables    one                               results/P/tables/
 
 The metrics stage scores samples with a reference classifier: the `standard`
@@ -28,6 +28,11 @@ command can import (`stage_modules`: the static import closure from cli.py's
 Snakefile and dvc.yaml. Editing sampling.py therefore reruns every train job
 and what follows; editing figures.py reruns figures and tables only.
 `code_digest("train")` of the same files keys the train checkpoint's resume.
+
+Settings inputs. A job also depends on the resolved settings it reads (`Plan.resolved_settings`):
+Snakemake through the rule's `params: settings` (their digest), DVC through the job's key of
+results/P/settings.json, the digests of every job, written by the DVC-only stage `settings@P`
+(`robust-ebm settings`), which reads params.yaml. One figure setting reruns figures and tables only.
 """
 
 from __future__ import annotations
