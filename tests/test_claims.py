@@ -171,8 +171,8 @@ def test_the_stage_writes_every_claim_once_in_three_formats(tmp_path, profile):
     assert [f.name for f in files] == ["claims.json", "claims.csv", "claims.md", "summary.json"]
     doc = json.loads(files[0].read_text())
     summary = json.loads(files[3].read_text())  # DVC's metrics: verdict counts and pooled accuracies, measured only
-    assert summary["claims"] == doc["summary"]
-    assert summary["digits"] == {"standard": {"clean": 0.97, "pgd": 0.2}, "pgd_at": {"clean": 0.95, "pgd": 0.7}}
+    assert summary["verdicts"] == doc["summary"]
+    assert summary["accuracy"]["digits"] == {"standard": {"clean": 0.97, "pgd": 0.2}, "pgd_at": {"clean": 0.95, "pgd": 0.7}}
     ids = [c["id"] for c in C.load_claims()[0]]
     assert [r["id"] for r in doc["claims"]] == ids  # smoke: one data set, so one row per claim
     by_id = {r["id"]: r for r in doc["claims"]}

@@ -143,11 +143,11 @@ def test_dvc_metrics_show_lists_the_summary_and_tolerates_absent_profiles(result
     summary = root / "results" / PROFILE / "summary.json"
     placeholder = summary.read_bytes()
     try:
-        summary.write_text(json.dumps({"claims": {"holds": 2, "fails": 0}, "digits": {"jem": {"clean": 0.9}}}))
+        summary.write_text(json.dumps({"verdicts": {"holds": 2, "fails": 0}, "accuracy": {"digits": {"jem": {"clean": 0.9}}}}))
         shown = _dvc_cli(root, tmp, "metrics", "show", "--json")  # mini and paper have no results here
         assert shown.returncode == 0, shown.stdout + shown.stderr
         data = json.loads(shown.stdout)[""]["data"]
-        assert data[f"results/{PROFILE}/summary.json"]["data"]["digits"] == {"jem": {"clean": 0.9}}
+        assert data[f"results/{PROFILE}/summary.json"]["data"]["accuracy"] == {"digits": {"jem": {"clean": 0.9}}}
         assert set(data) == {f"results/{p}/summary.json" for p in ("smoke", "mini", "paper")}  # the only metrics
     finally:
         summary.write_bytes(placeholder)

@@ -560,10 +560,10 @@ SUMMARY_COLUMNS = ("clean", "pgd")  # the eval columns of summary.json (accuracy
 
 
 def headline(results: Results, profile_cfg, counts: dict[str, int]) -> dict:
-    """summary.json, the profile's DVC metrics (`dvc metrics show`, `dvc exp show`): the claims' verdict
-    counts and each run's clean and PGD accuracy pooled over seeds, {dataset: {method: {column: value}}};
-    a number that was not measured is left out, so the file stays small and flat enough to read."""
-    out: dict[str, Any] = {"claims": counts}
+    """summary.json, the profile's DVC metrics (`dvc metrics show`, `dvc exp show`): the claims' verdict counts
+    and each run's clean and PGD accuracy pooled over seeds, {"verdicts": {...}, "accuracy": {dataset: {method:
+    {column: value}}}}; a number that was not measured is left out, so the file stays small."""
+    accuracy: dict[str, dict] = {}
     for dataset, method in profile_cfg.runs:
         row = {}
         for column in SUMMARY_COLUMNS:
@@ -572,8 +572,8 @@ def headline(results: Results, profile_cfg, counts: dict[str, int]) -> dict:
             except NotMeasured:
                 continue
         if row:
-            out.setdefault(dataset, {})[method] = row
-    return out
+            accuracy.setdefault(dataset, {})[method] = row
+    return {"verdicts": counts, "accuracy": accuracy}
 
 
 VERDICTS = {"holds": "the data decide for the claim (difference at least z SE on the claimed side)",
