@@ -85,15 +85,12 @@ _DVC_SCRIPT = textwrap.dedent("""
     import dvc.repo
     targets = sys.argv[2:]
     with dvc.repo.Repo(".") as repo:
-        if sys.argv[1] == "commit":
-            for target in targets:
-                repo.commit(target, force=True)
         print(json.dumps(repo.status(targets=targets)))
 """)
 
 
 def _dvc(root: Path, tmp: Path, action: str) -> dict:
-    """`dvc commit` (then status) or `dvc status` of DVC_STAGES, via DVC's API in a child process."""
+    """`dvc status` of DVC_STAGES, via DVC's API in a child process."""
     env = hermetic_env(tmp, PYTHONPATH=str(root / "src"), DVC_SITE_CACHE_DIR=str(tmp / "cache" / "dvc"))
     proc = subprocess.run([sys.executable, "-c", _DVC_SCRIPT, action, *DVC_STAGES], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
