@@ -168,8 +168,11 @@ def test_the_stage_writes_every_claim_once_in_three_formats(tmp_path, profile):
     write(tmp_path, "eval", "standard", eval_json(0.97, 0.20))
     write(tmp_path, "eval", "pgd_at", eval_json(0.95, 0.70))
     files = C.claims_stage(profile, tmp_path, tmp_path / "out")
-    assert [f.name for f in files] == ["claims.json", "claims.csv", "claims.md"]
+    assert [f.name for f in files] == ["claims.json", "claims.csv", "claims.md", "summary.json"]
     doc = json.loads(files[0].read_text())
+    summary = json.loads(files[3].read_text())  # DVC's metrics: verdict counts and pooled accuracies, measured only
+    assert summary["verdicts"] == doc["summary"]
+    assert summary["accuracy"]["digits"] == {"standard": {"clean": 0.97, "pgd": 0.2}, "pgd_at": {"clean": 0.95, "pgd": 0.7}}
     ids = [c["id"] for c in C.load_claims()[0]]
     assert [r["id"] for r in doc["claims"]] == ids  # smoke: one data set, so one row per claim
     by_id = {r["id"]: r for r in doc["claims"]}

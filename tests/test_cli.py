@@ -1,5 +1,6 @@
 """The command line: instant help, clear user errors, check/dvc-yaml subcommands, log files."""
 
+import json
 import subprocess
 import sys
 
@@ -67,3 +68,17 @@ def test_log_option_tees_output_to_a_file(tmp_path):
             f" '--profile', 'smoke', '--log', {str(log)!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "profile smoke" in proc.stdout and "profile smoke" in log.read_text()
+
+
+def test_settings_writes_every_jobs_settings_digest(tmp_path, capsys):
+    """DVC's settings@P step: results/P/settings.json = plan.Plan.settings_file (the Snakemake digests)."""
+    from robust_ebm.config import load_params
+    from robust_ebm.plan import Plan
+
+    out = tmp_path / "smoke" / "settings.json"
+    assert cli.main(["settings", "--params", str(ROOT / "params.yaml"), "--profile", "smoke", "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    plan = Plan(load_params(ROOT / "params.yaml"), "smoke")
+    assert written == plan.settings_file()
+    job = plan.job("figures", profile="smoke")
+    assert written["figures"]["smoke"] == plan.settings("figures", **job.wildcards)

@@ -126,8 +126,9 @@ def results(tmp_path, monkeypatch):
         run = r / "models" / "digits" / method / "s0"
         run.mkdir(parents=True)
         save_classifier(run / "model.pt", tiny_classifier(i), ModelConfig(arch="tiny_cnn", width=4), {})
-        (run / "dynamics.json").write_text(json.dumps({"epoch": [1, 2], "E_x/clean/mean": [-1.0, -2.0],
-                                                       "E_x/clean/var": [0.1, 0.2]}))
+        (run / "dynamics.json").write_text(json.dumps({"epochs": [
+            {"epoch": 1, "E_x/clean/mean": -1.0, "E_x/clean/var": 0.1},
+            {"epoch": 2, "E_x/clean/mean": -2.0, "E_x/clean/var": 0.2}]}))
         ev = r / "eval" / "digits" / method
         ev.mkdir(parents=True)
         (ev / "s0.json").write_text(json.dumps({"columns": {"clean": {"accuracy": 0.9 - i / 10, "steps": 0},

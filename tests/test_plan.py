@@ -97,7 +97,11 @@ def test_dvc_yaml_lists_every_job_of_every_profile(params):
         for job in plan.jobs:
             items = doc[job.stage]["foreach"]
             assert job.name in items
-    assert doc["metrics"]["do"]["metrics"]  # JSON outputs are DVC metrics
+    assert doc["claims"]["do"]["metrics"] == ["results/${item}/summary.json"]  # the only metrics: small and flat
+    assert all("metrics" not in doc[s]["do"] for s in doc if s != "claims")
+    assert doc["train"]["do"]["plots"][0] == {
+        "results/${item.profile}/models/${item.dataset}/${item.method}/s${item.seed}/dynamics.json":
+            {"x": "epoch", "y": "weat/dE_x", "title": "energy divergence ΔE(x) per epoch (dynamics.json)"}}
     assert "refclf" not in shell_command("metrics", {}, refclf=False)
 
 
@@ -155,12 +159,19 @@ def test_a_dataset_only_setting_reruns_only_that_data_sets_train_jobs():
         (s, "svhn", "trades") for s in ("evaluate", "generate", "metrics", "train")]  # the architecture is read by all
 
 
-def test_dvc_lists_dataset_methods_wherever_it_lists_the_method(params):
-    plan = Plan(params, "paper")
+def test_each_dvc_stage_reads_its_own_settings_digest_and_settings_reads_params(params):
+    """DVC's parameter of a job is its key of results/P/settings.json, whose value is the Snakemake digest."""
+    doc = yaml.safe_load(dvc_yaml(params))["stages"]
+    assert doc["settings"]["do"]["params"] == [{"params.yaml": None}]
+    assert doc["settings"]["do"]["outs"] == [{"results/${item}/settings.json": {"cache": False}}]
+    assert doc["train"]["do"]["params"] == [{"results/${item.profile}/settings.json": [
+        "train.${item.profile}-${item.dataset}-${item.method}-s${item.seed}"]}]
+    assert doc["figures"]["do"]["params"] == [{"results/${item}/settings.json": ["figures.${item}"]}]
+    plan = Plan(params, "smoke")
+    settings = plan.settings_file()
+    assert sum(map(len, settings.values())) == len(plan.jobs)
     for job in plan.jobs:
-        if f"methods.{job.wildcards.get('method')}" in job.params_keys:
-            assert "dataset_methods" in job.params_keys, job.name
-    assert "dataset_methods" in yaml.safe_load((ROOT / "params.yaml").read_text())  # DVC fails on a missing key
+        assert settings[job.stage][job.name] == plan.settings(job.stage, **job.wildcards)
 
 
 def test_evaluate_reruns_when_its_attack_code_changes(params):

@@ -17,6 +17,7 @@ from robust_ebm import methods
 from robust_ebm.attacks import AttackConfig
 from robust_ebm.checkpoint import load_checkpoint
 from robust_ebm.data import Splits, TensorSplit
+from robust_ebm.dynamics import columns as dynamics_columns
 from robust_ebm.config import DatasetConfig, MethodConfig, RunConfig, TrainingConfig, load_params
 from robust_ebm.methods.standard import Standard
 from robust_ebm.models import ModelConfig, load_classifier
@@ -106,7 +107,9 @@ def test_two_epochs_write_every_output(tmp_path, capsys):
     assert info["epochs"] == 2 and info["steps"] == 8 and info["complete"] and info["retries"] == []
     assert [v["epoch"] for v in info["val"]] == [1, 2]
     assert all(0 <= v["pgd_acc"] <= v["clean_acc"] + 1e-9 <= 1 + 1e-9 for v in info["val"])
-    dyn = json.loads((tmp_path / "dynamics.json").read_text())
+    records = json.loads((tmp_path / "dynamics.json").read_text())["epochs"]
+    assert len({frozenset(r) for r in records}) == 1  # every record has every key (what `dvc plots` needs)
+    dyn = dynamics_columns({"epochs": records})
     assert dyn["epoch"] == [1, 2]
     for key in ("E_xy/adv/mean", "jeat/dx_E_xy/mean", "jeat/dtheta_E_x/var", "weat/dE_x"):
         assert len(dyn[key]) == 2 and all(v is not None for v in dyn[key]), key

@@ -551,8 +551,29 @@ def claims_stage(profile_cfg, results_dir, out_dir, *, claims_path: Path | None 
     paths = [atomic_write_json(out_dir / "claims.json", {"profile": profile_cfg.name, "z": z, "summary": summary,
                                                          "verdicts": VERDICTS, "claims": rows}),
              atomic_write_text(out_dir / "claims.csv", _csv(rows)),
-             atomic_write_text(out_dir / "claims.md", _markdown(rows, profile_cfg, z, summary))]
+             atomic_write_text(out_dir / "claims.md", _markdown(rows, profile_cfg, z, summary)),
+             atomic_write_json(out_dir / "summary.json", headline(results, profile_cfg, summary))]
     return paths
+
+
+SUMMARY_COLUMNS = ("clean", "pgd")  # the eval columns of summary.json (accuracy, pooled over seeds)
+
+
+def headline(results: Results, profile_cfg, counts: dict[str, int]) -> dict:
+    """summary.json, the profile's DVC metrics (`dvc metrics show`, `dvc exp show`): the claims' verdict counts
+    and each run's clean and PGD accuracy pooled over seeds, {"verdicts": {...}, "accuracy": {dataset: {method:
+    {column: value}}}}; a number that was not measured is left out, so the file stays small."""
+    accuracy: dict[str, dict] = {}
+    for dataset, method in profile_cfg.runs:
+        row = {}
+        for column in SUMMARY_COLUMNS:
+            try:
+                row[column] = round(results.accuracy(dataset, method, column).value, 6)
+            except NotMeasured:
+                continue
+        if row:
+            accuracy.setdefault(dataset, {})[method] = row
+    return {"verdicts": counts, "accuracy": accuracy}
 
 
 VERDICTS = {"holds": "the data decide for the claim (difference at least z SE on the claimed side)",

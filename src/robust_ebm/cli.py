@@ -8,9 +8,11 @@
     robust-ebm generate ... --model model.pt --out results/P/samples/D/M/sS
     robust-ebm metrics  ... --model --samples --refclf --eval --out results/P/metrics/D/M/sS.json
     robust-ebm figures  --profile P --results results/P --out results/P/figures
-    robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md})
+    robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md}, summary.json)
     robust-ebm tables   --profile P --results results/P --out results/P/tables
     robust-ebm bench    [--model wrn28_10] [--batch 64] [--methods ...] [--device auto]
+    robust-ebm settings --profile P --out results/P/settings.json   (DVC's settings step)
+    robust-ebm adopt-dvc --profile P                    a finished Snakemake run -> dvc.lock
     robust-ebm dvc-yaml [--out dvc.yaml] [--check]
 
 Heavy libraries (torch, mlflow) are imported inside the subcommands, so
@@ -272,6 +274,28 @@ def cmd_tables(args) -> None:
     _profile_stage(args, "tables", tables_stage)
 
 
+def cmd_settings(args) -> None:
+    """DVC's settings step: results/P/settings.json, every job's settings digest (plan.Plan.settings_file)."""
+    from .plan import Plan
+    from .runtime import atomic_write_json
+
+    params, profile = _profile_config(args)
+    atomic_write_json(args.out, Plan(params, profile.name, params_file=args.params).settings_file())
+    print(f"robust-ebm settings: wrote {args.out}")
+
+
+def cmd_adopt_dvc(args) -> None:
+    """Hand a finished Snakemake run of one profile to DVC (robust_ebm.adopt): nothing is rerun."""
+    from .adopt import adopt
+    from .plan import Plan
+
+    params, profile = _profile_config(args)
+    committed, missing = adopt(Plan(params, profile.name, params_file=args.params), _project_dir(args))
+    for name in missing:
+        print(f"robust-ebm adopt-dvc: skipped {name} (an output is missing: run it first)")
+    print(f"robust-ebm adopt-dvc: {len(committed)} stages of profile {profile.name} recorded in dvc.lock")
+
+
 def cmd_bench(args) -> None:
     from .bench import format_bench, run_bench
 
@@ -397,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p = add("settings", cmd_settings, "write results/P/settings.json, each job's settings digest (a DVC stage)")
+    p.add_argument("--out", required=True, help="results/<profile>/settings.json")
+    add("adopt-dvc", cmd_adopt_dvc, "record a finished Snakemake run of a profile in dvc.lock (dvc commit)")
     p = add("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the job plans of every profile")
     p.add_argument("--out", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="only check that --out is up to date")

@@ -13,8 +13,9 @@ Three kinds of curves, all energies from `robust_ebm.energy`:
    `every_n_epochs`-th epoch, with the PGD-10 attack x*:
        ΔE(x) = mean E(x) − E(x*)   (and ΔE(x,y)).
 
-dynamics.json = {"epoch": [...], "<name>": [...]}: aligned lists, null where a
-quantity was not measured in that epoch.
+dynamics.json = {"epochs": [{"epoch": 1, "<name>": value, ...}, ...]}: one record per epoch,
+every record with every name, null where a quantity was not measured in that epoch (records are
+what `dvc plots` reads; `columns` turns them back into aligned lists for the figures).
 """
 
 from __future__ import annotations
@@ -128,9 +129,21 @@ class DynamicsRecorder:
     def as_json(self) -> dict[str, list]:
         return {k: list(v) for k, v in self.history.items()}
 
+    def records(self) -> dict[str, list[dict]]:
+        """dynamics.json: {"epochs": one record per epoch}."""
+        keys = list(self.history)
+        return {"epochs": [dict(zip(keys, row)) for row in zip(*(self.history[k] for k in keys))]}
+
     def state_dict(self) -> dict:
         return {"history": self.as_json(), "moments": self.moments.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.moments.load_state_dict(state["moments"], self.device)
+
+
+def columns(records: dict[str, list[dict]]) -> dict[str, list]:
+    """A dynamics.json's records as aligned lists {"epoch": [...], "<name>": [...]} (null where absent)."""
+    rows = records.get("epochs", [])
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: [row.get(k) for row in rows] for k in keys}

@@ -31,6 +31,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .data import load_prepared
+from .dynamics import columns as dynamics_columns
 from .files import load_npz
 from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .landscape import energy_landscape, plane_directions
@@ -403,7 +404,7 @@ def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
             tag = f"{dataset}_{method}_s{seed}"
             dyn_path = results_dir / "models" / dataset / method / f"s{seed}" / "dynamics.json"
             if dyn_path.is_file():
-                dynamics = json.loads(dyn_path.read_text())
+                dynamics = dynamics_columns(json.loads(dyn_path.read_text()))
                 if len(dynamics.get("epoch", [])) > 0:
                     divergence = f"PGD-{profile_cfg.training.val_pgd.steps}"  # WEAT ΔE's x* (training.val_pgd)
                     title = (f"Energy dynamics during training: {method_style(method).label} ({method}), "

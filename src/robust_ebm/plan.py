@@ -9,12 +9,12 @@ byte, whichever tool runs it (tests/test_dag_sync.py checks it).
 Jobs of profile P (everything under results/P/):
 
     data      per data set                      results/P/data/D/
-    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json}
+    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json,dynamics.json}
     evaluate  per run                           results/P/eval/D/M/sS.json
     generate  per run                           results/P/samples/D/M/sS/
     metrics   per run (needs the reference)     results/P/metrics/D/M/sS.json
     figures   one                               results/P/figures/
-    claims    one                               results/P/claims.{json,csv,md}
+    claims    one                               results/P/claims.{json,csv,md}, results/P/summary.json
     tables    one                               results/P/tables/
 
 The metrics stage scores samples with a reference classifier: the `standard`
@@ -28,6 +28,11 @@ command can import (`stage_modules`: the static import closure from cli.py's
 Snakefile and dvc.yaml. Editing sampling.py therefore reruns every train job
 and what follows; editing figures.py reruns figures and tables only.
 `code_digest("train")` of the same files keys the train checkpoint's resume.
+
+Settings inputs. A job also depends on the resolved settings it reads (`Plan.resolved_settings`):
+Snakemake through the rule's `params: settings` (their digest), DVC through the job's key of
+results/P/settings.json, the digests of every job, written by the DVC-only stage `settings@P`
+(`robust-ebm settings`), which reads params.yaml. One figure setting reruns figures and tables only.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ PARAMS_FILE = "params.yaml"
 RUN_STAGES = ("train", "evaluate", "generate", "metrics")
 STAGES = ("data", *RUN_STAGES, "figures", "claims", "tables")
 PROFILE_STAGES = ("figures", "claims", "tables")  # one job per profile, fan-in of every run
+SETTINGS_STAGE = "settings"  # DVC only: writes results/P/settings.json, the per-job settings digests
 GPU_STAGES = RUN_STAGES  # resources: gpu=1 on a non-CPU profile
 
 # File patterns relative to the repository root. {results} is params
@@ -53,6 +59,7 @@ PATTERNS = {
     "model_dir": "{results}/{profile}/models/{dataset}/{method}/s{seed}",
     "model": "{results}/{profile}/models/{dataset}/{method}/s{seed}/model.pt",
     "train_json": "{results}/{profile}/models/{dataset}/{method}/s{seed}/train.json",
+    "dynamics": "{results}/{profile}/models/{dataset}/{method}/s{seed}/dynamics.json",
     "eval": "{results}/{profile}/eval/{dataset}/{method}/s{seed}.json",
     "eval_energies": "{results}/{profile}/eval/{dataset}/{method}/s{seed}.energies.npz",
     "samples": "{results}/{profile}/samples/{dataset}/{method}/s{seed}",
@@ -64,6 +71,8 @@ PATTERNS = {
     "claims_csv": "{results}/{profile}/claims.csv",
     "claims_md": "{results}/{profile}/claims.md",
     "tables": "{results}/{profile}/tables",
+    "summary": "{results}/{profile}/summary.json",
+    "settings": "{results}/{profile}/settings.json",
 }
 LOGS = {
     "data": "logs/{profile}/data/{dataset}.log",
@@ -71,6 +80,7 @@ LOGS = {
     "figures": "logs/{profile}/figures.log",
     "claims": "logs/{profile}/claims.log",
     "tables": "logs/{profile}/tables.log",
+    SETTINGS_STAGE: "logs/{profile}/settings.log",
 }
 # What each stage reads and writes (keys of PATTERNS).
 INPUTS = {
@@ -82,12 +92,12 @@ INPUTS = {
 }
 OUTPUTS = {
     "data": ("data",),
-    "train": ("model", "train_json"),
+    "train": ("model", "train_json", "dynamics"),
     "evaluate": ("eval", "eval_energies"),
     "generate": ("samples",),
     "metrics": ("metrics", "metrics_energies"),
     "figures": ("figures",),
-    "claims": ("claims_json", "claims_csv", "claims_md"),
+    "claims": ("claims_json", "claims_csv", "claims_md", "summary"),
     "tables": ("tables",),
 }
 # The package code a stage runs; a change reruns the stage in both tools. Derived from the
@@ -251,6 +261,7 @@ COMMANDS = {
     "figures": _HEAD + " --results {results}/{profile} --out {figures} --log {log}",
     "claims": _HEAD + " --results {results}/{profile} --out {results}/{profile} --log {log}",
     "tables": _HEAD + " --results {results}/{profile} --out {tables} --log {log}",
+    SETTINGS_STAGE: _HEAD + " --out {settings}",
 }
 WILDCARDS = {
     "data": ("profile", "dataset"),
@@ -258,6 +269,7 @@ WILDCARDS = {
     "figures": ("profile",),
     "claims": ("profile",),
     "tables": ("profile",),
+    SETTINGS_STAGE: ("profile",),
 }
 
 
@@ -293,15 +305,24 @@ RUN_STAGE_SETTINGS = {
 }
 
 
-def run_settings_digest(run, stage: str) -> str:
-    """Digest of the RunConfig fields `stage` reads (RUN_STAGE_SETTINGS): the Snakemake rerun trigger
-    of a run job, and the settings part of a resumable job's resume key (train.py)."""
+def run_settings(run, stage: str) -> dict[str, Any]:
+    """The RunConfig fields `stage` reads (RUN_STAGE_SETTINGS), as JSON-ready values."""
     values = run.to_dict()
     values["dataset"].pop("root")  # where data is read from is not a setting of the result
     values["inception_weights"] = values["paths"]["inception_weights"]
-    payload = {key: values[key] for key in RUN_STAGE_SETTINGS[stage]}
+    return {key: values[key] for key in RUN_STAGE_SETTINGS[stage]}
+
+
+def settings_digest(payload: Any) -> str:
+    """sha256 (16 hex digits) of resolved settings: the rerun trigger in both tools."""
     text = json.dumps(payload, sort_keys=True, default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_settings_digest(run, stage: str) -> str:
+    """Digest of the RunConfig fields `stage` reads (RUN_STAGE_SETTINGS): the rerun trigger of a run job
+    (Snakemake `params:`, DVC's settings.json), and the settings part of a resumable job's resume key (train.py)."""
+    return settings_digest(run_settings(run, stage))
 
 
 @dataclass(frozen=True)
@@ -314,7 +335,6 @@ class Job:
     outputs: tuple[str, ...]
     log: str
     command: str
-    params_keys: tuple[str, ...]
     reference: bool = False  # a train job that exists only to serve as metrics' refclf
 
     @property
@@ -381,7 +401,6 @@ class Plan:
             outputs=tuple(v[k] for k in OUTPUTS[stage]),
             log=v["log"],
             command=shell_command(stage, v, refclf=self.refclf_method is not None),
-            params_keys=params_keys(stage, wildcards),
             reference=reference,
         )
 
@@ -395,7 +414,7 @@ class Plan:
             return tuple(files)
         for d, m, s in self.runs + self.reference_runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
-            files += [v["model"], v["train_json"]]
+            files += [v["model"], v["train_json"], v["dynamics"]]
         for d, m, s in self.runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
             files += [v["eval"], v["eval_energies"], v["metrics"], v["metrics_energies"]]
@@ -427,20 +446,30 @@ class Plan:
         raise KeyError(f"profile '{self.profile}' plans no {stage} job for {wildcards}; "
                        f"see `robust-ebm check --profile {self.profile}` for the planned jobs")
 
-    def settings(self, stage: str, **wildcards) -> str:
-        """A digest of the resolved settings a job reads (Snakemake `params:` rerun trigger)."""
+    def resolved_settings(self, stage: str, **wildcards) -> Any:
+        """The resolved settings a job reads: profile overrides merged onto the base sections and
+        `dataset_methods` onto the method, for this job's data set and method."""
         c = self.config
         if stage == "data":  # where the files are read from is not a setting of the result (data.json records it)
-            payload: Any = c.dataset(wildcards["dataset"]).model_dump(mode="json", exclude={"root"})
-        elif stage in RUN_STAGES:
-            return run_settings_digest(c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])), stage)
-        elif stage == "claims":  # the claims read no figure setting
-            payload = {"runs": self.runs, "seeds": c.seeds, "metrics": c.metrics, "table_datasets": c.table_datasets}
-        else:
-            payload = {"runs": self.runs, "figures": c.figures, "metrics": c.metrics,
-                       "table_datasets": c.table_datasets}
-        text = json.dumps(payload, sort_keys=True, default=_jsonable)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+            return c.dataset(wildcards["dataset"]).model_dump(mode="json", exclude={"root"})
+        if stage in RUN_STAGES:
+            return run_settings(c.run(wildcards["dataset"], wildcards["method"], int(wildcards["seed"])), stage)
+        if stage == "claims":  # the claims read no figure setting
+            return {"runs": self.runs, "seeds": c.seeds, "metrics": c.metrics, "table_datasets": c.table_datasets}
+        return {"runs": self.runs, "figures": c.figures, "metrics": c.metrics, "table_datasets": c.table_datasets}
+
+    def settings(self, stage: str, **wildcards) -> str:
+        """A digest of the resolved settings a job reads (Snakemake `params:`, DVC `settings.json`)."""
+        return settings_digest(self.resolved_settings(stage, **wildcards))
+
+    def settings_file(self) -> dict[str, dict[str, str]]:
+        """results/P/settings.json: {stage: {job name: settings digest}} of every job of the profile.
+        Each DVC stage lists its own key as a parameter (`settings_key`), so a change in params.yaml marks
+        exactly the jobs whose resolved settings changed, as Snakemake's `params: settings` does."""
+        out: dict[str, dict[str, str]] = {}
+        for job in self.jobs:
+            out.setdefault(job.stage, {})[job.name] = self.settings(job.stage, **job.wildcards)
+        return out
 
     def resources(self, stage: str) -> dict[str, int]:
         """gpu/mem/runtime for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only."""
@@ -480,29 +509,9 @@ def shell_command(stage: str, values: dict[str, Any], *, refclf: bool = True) ->
     return _fill(template, values)
 
 
-def params_keys(stage: str, wildcards: dict[str, Any]) -> tuple[str, ...]:
-    """The params.yaml keys a stage reads (DVC `params:`); the profile section always.
-
-    A stage that reads `methods.<m>` also reads the whole `dataset_methods` section: DVC fails on a
-    listed key that params.yaml lacks, and a data set need not have an entry there.
-    """
-    w = {k: str(v) for k, v in wildcards.items()}
-    common = (f"profiles.{w['profile']}",)
-    if stage == "data":
-        return (f"datasets.{w['dataset']}", *common)  # not paths.data_root: where data sits is no setting
-    if stage == "train":
-        return (f"datasets.{w['dataset']}", f"methods.{w['method']}", "dataset_methods", "models", "training", *common)
-    if stage == "evaluate":
-        return (f"methods.{w['method']}", "dataset_methods", "evaluation", *common)
-    if stage == "generate":
-        return (f"methods.{w['method']}", "dataset_methods", "generation", *common)
-    if stage == "metrics":
-        return ("metrics", "paths.inception_weights", *common)
-    if stage == "figures":
-        return ("figures", *common)
-    if stage == "claims":
-        return ("metrics", *common)  # table_datasets, seeds, runs (profile); IS splits (metrics)
-    return ("evaluation", "metrics", *common)  # tables: captions state the protocols
+def settings_key(stage: str, wildcards: dict[str, Any]) -> str:
+    """The key of a job in results/P/settings.json (a DVC params key): '<stage>.<job name>'."""
+    return f"{stage}.{job_name(stage, wildcards)}"
 
 
 def placeholders(stage: str, style: str) -> dict[str, str]:
@@ -545,16 +554,32 @@ def _dvc_stage(stage: str, items, template: dict[str, str], plan: "Plan") -> dic
     else:
         keys = [k for k in INPUTS[stage] if not (k == "refclf" and plan.refclf_method is None)]
         deps = [template[k] for k in keys]
-    do: dict[str, Any] = {"cmd": template["command"], "deps": deps + list(code_files(stage)),
-                          "params": list(params_keys(stage, placeholders(stage, "dvc")))}
+    settings = {template["settings"]: [settings_key(stage, placeholders(stage, "dvc"))]}
+    do: dict[str, Any] = {"cmd": template["command"], "deps": deps + list(code_files(stage)), "params": [settings]}
     outs = [template[k] for k in OUTPUTS[stage]]
-    metrics = [o for o in outs if o.endswith(".json")]
-    do["outs"] = [o for o in outs if o not in metrics]
+    # dynamics.json: one record per epoch (robust_ebm.dynamics); every method has WEAT's ΔE(x) by default
+    plots = [{o: {"x": "epoch", "y": "weat/dE_x", "title": "energy divergence ΔE(x) per epoch (dynamics.json)"}}
+             for o in outs if o.endswith("/dynamics.json")]
+    metrics = [o for o in outs if o.endswith("/summary.json")]  # headline numbers of a profile, small and flat
+    do["outs"] = [o for o in outs if o not in metrics and o not in {next(iter(p)) for p in plots}]
     if metrics:
-        do["metrics"] = [{m: {"cache": False}} for m in metrics]
-    if not do["outs"]:
-        del do["outs"]
+        do["metrics"] = metrics
+    if plots:
+        do["plots"] = plots
     return {"foreach": items, "do": do}
+
+
+def dvc_stage_name(job: Job) -> str:
+    """The DVC stage of a job: '<stage>@<job name>', e.g. train@smoke-digits-jem-s0."""
+    return f"{job.stage}@{job.name}"
+
+
+def _dvc_settings_stage(profiles: list[str], template: dict[str, str]) -> dict:
+    """settings@P writes results/P/settings.json (`robust-ebm settings`) whenever params.yaml or the code
+    that resolves settings changes; every other stage lists its own key of that file as a parameter."""
+    return {"foreach": profiles, "do": {"cmd": template["command"], "deps": list(code_files(SETTINGS_STAGE)),
+                                        "params": [{PARAMS_FILE: None}],
+                                        "outs": [{template["settings"]: {"cache": False}}]}}
 
 
 def dvc_yaml(params, profiles: list[str] | None = None, params_file: str = PARAMS_FILE) -> str:
@@ -565,7 +590,8 @@ def dvc_yaml(params, profiles: list[str] | None = None, params_file: str = PARAM
     if len({(p.results, p.refclf_method) for p in plans}) > 1:
         raise ValueError("dvc.yaml needs one `paths.results` and one `metrics.refclf.method` for all "
                          "profiles (the stage templates are shared); remove those profile overrides")
-    stages: dict[str, Any] = {}
+    stages: dict[str, Any] = {SETTINGS_STAGE: _dvc_settings_stage([p.profile for p in plans],
+                                                                  plans[0].template(SETTINGS_STAGE, "dvc"))}
     for stage in STAGES:
         items: dict[str, Any] = {}
         for plan in plans:

@@ -543,7 +543,7 @@ class Trainer:
                    "retries": p["retries"], "precision": self.precision, "device": str(self.device),
                    "fallbacks": self.fallbacks}
         atomic_write_json(self.out_dir / "train.json", summary)
-        atomic_write_json(self.out_dir / "dynamics.json", self.dynamics.as_json())
+        atomic_write_json(self.out_dir / "dynamics.json", self.dynamics.records())
         if self.tracker is not None:
             self.tracker.log_metrics({"train/seconds": seconds, "train/retries": len(p["retries"]),
                                       "train/selected_epoch": selected})

@@ -19,6 +19,7 @@ rule train:
     output:
         model=pattern("train", "model"),
         summary=pattern("train", "train_json"),
+        dynamics=pattern("train", "dynamics"),
     log: pattern("train", "log")
     params: settings=planned("train", "settings")
     resources:

@@ -25,6 +25,7 @@ rule claims:
         pattern("claims", "claims_json"),
         pattern("claims", "claims_csv"),
         report(pattern("claims", "claims_md"), caption="../report/claims.rst", category="Claims"),
+        pattern("claims", "summary"),
     log: pattern("claims", "log")
     params: settings=planned("claims", "settings")
     conda: ENV
