@@ -147,9 +147,31 @@ def probe(a, save=None) -> dict:
     return {"name": a.name, "settings": settings, "status": status, "seconds": round(time.time() - t0, 1), "rows": rows}
 
 
+COLUMNS = ("step", "lr", "ce", "px", "E_pos", "E_sgld", "gnorm", "gnorm_ce", "gnorm_px", "gnorm_max", "val_acc", "sec")
+
+
+def tables(path: Path) -> str:
+    """One markdown table per probe in the JSON (window means over the steps since the previous row)."""
+    parts = []
+    for r in json.loads(path.read_text())["probes"]:
+        cols = [c for c in COLUMNS if any(c in row for row in r["rows"][1:])]
+        lines = [f"#### {r['name']} ({r['status']}, {r['seconds']:.0f} s)", "",
+                 "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for row in r["rows"]:
+            cells = []
+            for c in cols:
+                v = row.get(c)
+                cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                             f"{v:.3g}" if isinstance(v, float) else str(v))
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--name", required=True)
+    p.add_argument("--tables", action="store_true", help="print the markdown tables of --out and exit")
+    p.add_argument("--name")
     p.add_argument("--method", default="jeat", choices=["jeat", "jem", "standard", "prejeat"])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=50)
@@ -165,6 +187,11 @@ def main():
     p.add_argument("--out", default="docs/jeat_probes.json")
     a = p.parse_args()
     out = Path(a.out)
+    if a.tables:
+        print(tables(out), end="")
+        return
+    if not a.name:
+        p.error("--name is required for a probe")
 
     def save(result):
         allres = json.loads(out.read_text()) if out.exists() else {"probes": []}
