@@ -242,7 +242,7 @@ def test_cli_helpers_count_only_for_the_stages_that_reach_them(package_copy):
     _edit(package_copy, "cli.py", "\n\ndef _helper():\n    from . import bench\n")
     assert "src/robust_ebm/bench.py" not in plan.code_files("figures")   # nothing calls it
     cli = package_copy / "cli.py"
-    head = "def _profile_stage(args, stage: str, call) -> None:\n"
+    head = next(line + "\n" for line in cli.read_text().splitlines() if line.startswith("def _profile_stage("))
     assert head in cli.read_text()
     cli.write_text(cli.read_text().replace(head, head + "    _helper()\n"))
     _edit(package_copy, "cli.py", "")
