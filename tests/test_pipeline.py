@@ -99,7 +99,9 @@ def test_mlflow_has_one_parent_per_method_and_seed_with_metrics_and_artifacts(ru
         expected = sorted({(m, str(s)) for d, m, s in plan.runs + plan.reference_runs if d == dataset})
         assert keys == expected, "exactly one parent run per (method, seed)"
         for parent in parents:
-            assert any(k.startswith("train.") for k in parent.data.metrics), parent.data.tags["method"]
+            method = parent.data.tags["method"]
+            assert {"acc/clean", "acc/pgd", "acc/autoattack", "val_selected/clean_acc"} <= set(parent.data.metrics), method
+            assert parent.data.params["method"] == method and "method.optim.lr" in parent.data.params, method
             children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
             assert all(c.info.status == "FINISHED" for c in children)
             assert parent.info.status == "FINISHED", parent.data.tags["method"]  # not left RUNNING (issue 14)
