@@ -22,9 +22,8 @@ import torch
 
 from robust_ebm import data
 from robust_ebm.config import load_params
-from robust_ebm.energy import marginal_energy
 from robust_ebm.optim import LRSchedule
-from robust_ebm.train import Streams, build_parts, derive_seed
+from robust_ebm.train import Streams, build_parts
 
 
 def load_data(prof, cache: Path):

@@ -11,10 +11,8 @@ tabulates these tests.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
 from types import SimpleNamespace

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import sigkill_when
 from repo_copy import ROOT, copy_checkout, hermetic_env, parse_dry_run, snakemake
 from robust_ebm import methods, plan, tracking
 from robust_ebm.data import class_stats
@@ -570,30 +571,12 @@ _KILL_CHILD = textwrap.dedent("""
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_sigkill_mid_epoch_then_resume_is_bit_exact(family, tmp_path):
-    from robust_ebm.checkpoint import load_checkpoint
-
     method = FAMILIES[family]
     run = family_run(method, training={"checkpoint_every_steps": 1})
     out, script = tmp_path / "killed", tmp_path / "child.py"
     script.write_text(_KILL_CHILD.format(tests=str(Path(__file__).parent), loss=run.method.loss, method=method,
                                          out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"child exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-            ckpt = out / "checkpoint.pt"
-            if ckpt.exists() and load_checkpoint(ckpt)["progress"]["global_step"] >= 5:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("no mid-epoch-2 checkpoint appeared")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    sigkill_when(script, out / "checkpoint.pt", ready=lambda p: p["global_step"] >= 5, timeout=300)  # mid epoch 2
     assert not (out / "model.pt").exists()
     splits, stats = family_data()
     train_splits(run, splits, stats, out)

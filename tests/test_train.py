@@ -2,17 +2,14 @@
 
 import functools
 import json
-import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import sigkill_when
 from robust_ebm import methods
 from robust_ebm.attacks import AttackConfig
 from robust_ebm.checkpoint import load_checkpoint
@@ -174,26 +171,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path):
     out = tmp_path / "killed"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent), out=str(out)))
-    # Same intra-op thread count as this process: float reductions differ between thread counts.
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    ckpt, deadline = out / "checkpoint.pt", time.time() + 60
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"child exited before it could be killed: {proc.stderr.read().decode()[-2000:]}")
-            if ckpt.exists():
-                p = load_checkpoint(ckpt)["progress"]
-                if p["epoch"] == 1 and 0 < p["step_in_epoch"] < 3:
-                    break
-            time.sleep(0.02)
-        else:
-            pytest.fail("no mid-epoch checkpoint of epoch 2 appeared")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (out / "model.pt").exists()
+    returncode = sigkill_when(script, out / "checkpoint.pt", timeout=60,
+                              ready=lambda p: p["epoch"] == 1 and 0 < p["step_in_epoch"] < 3)   # mid epoch 2
+    assert returncode == -signal.SIGKILL and not (out / "model.pt").exists()
     run = make_run("pgd_at", training={"checkpoint_every_steps": 1})
     train_splits(run, make_splits(), None, out)
     train_splits(run, make_splits(), None, tmp_path / "ref")

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
