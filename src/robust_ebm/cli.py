@@ -10,6 +10,7 @@
     robust-ebm figures  --profile P --results results/P --out results/P/figures
     robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md}, summary.json)
     robust-ebm tables   --profile P --results results/P --out results/P/tables
+    robust-ebm digest   --profile P --results results/P --out DIR   small JSON/Markdown of every run, to keep
     robust-ebm bench    [--model wrn28_10] [--batch 64] [--methods ...] [--device auto]
     robust-ebm settings --profile P --out results/P/settings.json   (DVC's settings step)
     robust-ebm adopt-dvc --profile P                    a finished Snakemake run -> dvc.lock
@@ -274,6 +275,13 @@ def cmd_tables(args) -> None:
     _profile_stage(args, "tables", tables_stage)
 
 
+def cmd_digest(args) -> None:
+    from .digest import digest
+
+    out = digest(args.results, _profile_config(args)[1], args.out)
+    print(f"robust-ebm digest: {out}/README.md (one JSON per run, claims, digest.json)")
+
+
 def cmd_settings(args) -> None:
     """DVC's settings step: results/P/settings.json, every job's settings digest (plan.Plan.settings_file)."""
     from .plan import Plan
@@ -421,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p = add("digest", cmd_digest, "the numbers of a profile's runs as small JSON + Markdown, to keep (docs/)")
+    p.add_argument("--results", required=True, help="results/<profile>")
+    p.add_argument("--out", required=True, help="folder to write (e.g. docs/runs/<profile>-<date>)")
     p = add("settings", cmd_settings, "write results/P/settings.json, each job's settings digest (a DVC stage)")
     p.add_argument("--out", required=True, help="results/<profile>/settings.json")
     add("adopt-dvc", cmd_adopt_dvc, "record a finished Snakemake run of a profile in dvc.lock (dvc commit)")
