@@ -174,6 +174,73 @@ def test_method_params_are_checked_by_the_methods_package(raw):
     assert "methods.trades.params" in msg and "gamma" in msg
 
 
+# Settings that building the method (methods.base.Method.__init__) rejects, as (method, edit of its
+# methods.<m> entry, the key the error names); check (load_params) must reject each one first.
+BUILD_REJECTS = [
+    ("jem", lambda m: m["sampler"].update(buffer_size=1005), "sampler.buffer_size"),   # 10 classes: one block each
+    ("trades", lambda m: m["params"].update(gamma=1.0), "params"),                     # no such TRADES param
+    ("trades", lambda m: m.update(sampler={"steps": 5}), "sampler"),                    # TRADES takes no sampler
+    ("jeat", lambda m: m["attack"].update(objective="ce"), "attack.objective"),        # JEAT attacks E(x, y)
+    ("pgd_at", lambda m: m["data"].update(px_batch_size=64), "data.px_batch_size"),     # no p(x) stream
+]
+
+
+@pytest.mark.parametrize("method, edit, key", BUILD_REJECTS, ids=[f"{m}-{k}" for m, _, k in BUILD_REJECTS])
+def test_check_rejects_what_building_the_method_rejects(raw, params, repo_root, tmp_path, capsys, method, edit, key):
+    """`robust-ebm check` fails on every setting Method.__init__ fails on, naming the key."""
+    import torch
+
+    from robust_ebm import cli
+    from robust_ebm.methods import build_method
+
+    data = copy.deepcopy(raw)
+    edit(data["methods"][method])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["check", "--params", str(path), "--profile", "paper", "--skip-inputs"]) == 2
+    assert f"methods.{method}.{key}:" in capsys.readouterr().err
+    good = params.profile_config("paper")
+    entry = good.method("cifar10", method).model_dump()
+    edit(entry)   # the same edit, outside load_params: a MethodConfig built or edited in code
+    bad = type(good.methods[method]).model_validate(entry)   # each setting is valid on its own
+    with pytest.raises(ValueError, match=key.split(".")[-1]):
+        build_method(bad, num_classes=good.datasets["cifar10"].num_classes, image_shape=(3, 32, 32), stats=None,
+                     device="cpu", generator=torch.Generator().manual_seed(0))
+
+
+def test_no_import_circle(repo_root):
+    """The package's modules import each other without a circle, counting imports inside functions and
+    under TYPE_CHECKING: the schema modules (attacks, sampling, optim, data, methods, ...) never import config."""
+    import ast
+
+    package = repo_root / "src" / "robust_ebm"
+    graph: dict[str, set[str]] = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        base = parts[:-1]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = list(base[:len(base) - node.level + 1]) + (node.module.split(".") if node.module else [])
+                names = [".".join(target)] if node.module else [".".join([*target, a.name]) for a in node.names]
+                graph[name].update(names)
+    for name in graph:
+        graph[name] = {t if t in graph else t.rsplit(".", 1)[0] for t in graph[name]} & set(graph) - {name}
+    done: set[str] = set()
+
+    def visit(node, stack):
+        assert node not in stack, "import circle: " + " -> ".join([*stack[stack.index(node):], node])
+        if node not in done:
+            for target in sorted(graph[node]):
+                visit(target, [*stack, node])
+            done.add(node)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert "robust_ebm.methods" in graph["robust_ebm.config"]   # the method registry is imported, not the reverse
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")

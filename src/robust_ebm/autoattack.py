@@ -27,16 +27,31 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pyautoattack import AutoAttack
+from pydantic import Field
 from torch import Tensor, nn
 
 from .runtime import model_mode
 from .runtime import atomic_write_json, pick_device
+from .schema_types import Fraction, Strict
 
 _NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 _VERSIONS = ("standard", "plus", "rand")
+
+
+# --------------------------------------------------------------------------- settings (evaluation.autoattack)
+
+
+class AutoAttackConfig(Strict):
+    version: Literal["standard", "plus", "rand"] = "standard"
+    norm: Literal["Linf", "L2"] = "Linf"
+    eps: Fraction = Field(8 / 255, gt=0.0)
+    n_examples: int | None = Field(None, ge=1, description="null: full test set")
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
 
 
 class _FlagCollector(logging.Handler):

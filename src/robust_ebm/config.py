@@ -1,10 +1,16 @@
-"""Schema of params.yaml, its validation, and profile resolution.
+"""Top-level schema of params.yaml, its validation, and profile resolution.
 
 params.yaml is the single source of truth. `load_params` validates all of it
-before any work: the top-level sections, every profile's merged view and
-every name a profile, method or generator refers to. Any problem raises one
+before any work: the top-level sections, every profile's merged view, every
+name a profile, method or generator refers to, and everything each method
+requires (methods.method_problems; per run, methods.dataset_problems), so
+`robust-ebm check` rejects what training would reject. Any problem raises one
 `ConfigError` that lists each bad key by its dotted path and the allowed
 values.
+
+A section's schema lives beside its algorithm (OptimConfig in optim.py, SamplerConfig in
+sampling.py, AttackConfig in attacks.py, DatasetConfig in data.py, a method's `params` in its
+methods/ file, ...); this module imports them and none of them imports it.
 
     params = load_params("params.yaml")
     prof = params.profile_config("smoke")          # ProfileConfig (overrides merged)
@@ -53,9 +59,16 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+# Each section's schema lives beside its algorithm; none of these modules imports config.
 from .attacks import AttackConfig
+from .autoattack import AutoAttackConfig
+from .data import DataConfig, DatasetConfig
+from .dynamics import DynamicsConfig
 from .histogram_attacks import WEAT_FIG2 as HISTOGRAM_WEAT_FIG2, HistogramAttacksConfig
+from .landscape import LandscapeConfig
+from .methods import dataset_problems, method_problems
 from .models import ModelConfig
+from .optim import OptimConfig, ScheduleConfig
 from .sampling import NOISY_DATA_STD, SamplerConfig
 from .schema_types import Fraction, Strict
 
@@ -68,7 +81,7 @@ class ConfigError(ValueError):
     """params.yaml (or a profile of it) is invalid; the message lists every bad key."""
 
 
-# --------------------------------------------------------------------------- paths, tracking, data sets
+# --------------------------------------------------------------------------- paths, tracking
 
 
 class PathsConfig(Strict):
@@ -83,107 +96,7 @@ class TrackingConfig(Strict):
     uri: str | None = Field(None, description=f"null: env {TRACKING_URI_ENV}, else {DEFAULT_TRACKING_URI}")
 
 
-class DatasetConfig(Strict):
-    """One data set. `root` defaults to <paths.data_root>/<key> (resolved by `ProfileConfig.dataset`)."""
-
-    source: Literal["sklearn_digits", "torchvision", "imagefolder"]
-    name: Literal["CIFAR10", "CIFAR100", "SVHN"] | None = Field(None, description="torchvision class (source torchvision)")
-    root: str | None = None
-    num_classes: int = Field(ge=2)
-    channels: Literal[1, 3]
-    image_size: int = Field(ge=8)
-    n_valid: int = Field(ge=0, description="held out from train by split_seed; used for model selection")
-    n_train: int | None = Field(None, ge=1, description="keep only this many training images (mini profile); null: all")
-    split_seed: int = Field(0, ge=0, description="seed of the train/valid split (one split per data set)")
-    download: bool = Field(False, description="try torchvision's download when nothing local is found")
-    n_test: int | None = Field(None, ge=1, description="sklearn_digits: size of its stratified test split")
-    stats_rank: int = Field(64, ge=1, description="principal directions kept per class (WEAT PCA init; data.class_stats)")
-
-    @model_validator(mode="after")
-    def _check_source(self):
-        if self.source == "torchvision" and self.name is None:
-            raise ValueError("source 'torchvision' needs name: one of CIFAR10, CIFAR100, SVHN")
-        if self.source != "torchvision" and self.name is not None:
-            raise ValueError(f"name is only used with source 'torchvision'; remove it for source '{self.source}'")
-        if self.source == "sklearn_digits":
-            if (self.channels, self.image_size, self.num_classes) != (1, 8, 10):
-                raise ValueError("sklearn digits are 8x8 grayscale with 10 classes: set channels 1, image_size 8, num_classes 10")
-            if self.n_test is None:
-                raise ValueError("source 'sklearn_digits' needs n_test (size of its test split, e.g. 360)")
-        if self.source == "torchvision":
-            want = {"CIFAR10": 10, "CIFAR100": 100, "SVHN": 10}[self.name]
-            if (self.channels, self.image_size, self.num_classes) != (3, 32, want):
-                raise ValueError(f"{self.name} is 32x32 RGB with {want} classes: set channels 3, image_size 32, num_classes {want}")
-        return self
-
-
 # --------------------------------------------------------------------------- one training method
-
-
-Augment = Literal["crop_flip", "flip", "none"]
-
-
-class DataConfig(Strict):
-    """Batches of one method. The p(x) stream (JEM family) is a second, independent loader."""
-
-    batch_size: int = Field(ge=1)
-    px_batch_size: int | None = Field(None, ge=1, description="second p(x) batch stream; null: none")
-    augment: Augment = "crop_flip"
-    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2) in pixel units, not clamped (JEM family: 0.015 = their 0.03 in [-1,1] units)")
-    px_augment: Augment | None = Field(None, description="augmentation of the p(x) stream; null: same as augment")
-    px_noise_std: Fraction | None = Field(None, ge=0.0, description="noise of the p(x) stream; null: same as noise_std")
-    crop_padding: Literal["reflect", "zeros"] = Field(
-        "reflect", description="padding of crop_flip's 4-px crop: reflect (JEM family: tr.Pad(4, padding_mode='reflect')) "
-                               "or zeros (TRADES/MART/MAIL/WEAT: transforms.RandomCrop(32, padding=4))")
-    holdout: bool = Field(True, description="train without the data set's n_valid held-out images (JEM, JEM++); "
-                                            "false: train on all training images (TRADES, MART, MAIL, WEAT), select.rule must be 'last'")
-    drop_last: bool = Field(True, description="drop the last partial batch of an epoch (JEM family); false: keep it "
-                                              "(torch DataLoader default, TRADES/MART/MAIL/WEAT)")
-
-
-class OptimConfig(Strict):
-    name: Literal["sgd", "adam", "sam"]
-    lr: float = Field(gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    nesterov: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    sam_rho: float = Field(0.05, gt=0.0, description="SAM neighbourhood radius (SADA-JEM: 2.0, adaptive)")
-    sam_adaptive: bool = False
-
-    @field_validator("betas")
-    @classmethod
-    def _check_betas(cls, betas):
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        return betas
-
-
-class ScheduleConfig(Strict):
-    """Learning-rate schedule, stepped per iteration (warm-up, onecycle) or per epoch (multistep)."""
-
-    name: Literal["constant", "multistep", "cosine", "onecycle"]
-    epochs: int = Field(ge=1)
-    milestones: list[int] = Field(default_factory=list, description="0-based epochs from which lr *= gamma once more "
-                                  "(multistep; torch MultiStepLR stepped per epoch; a 1-based `epoch >= m` is milestone m - 1)")
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    warmup_iters: int = Field(0, ge=0, description="linear warm-up from 0 (JEM family: 1000)")
-    pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of steps spent rising")
-
-    @field_validator("milestones")
-    @classmethod
-    def _check_milestones(cls, milestones):
-        if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
-            raise ValueError(f"milestones must be positive and strictly increasing, got {milestones}")
-        return milestones
-
-    @model_validator(mode="after")
-    def _check_milestones_fit(self):
-        late = [m for m in self.milestones if m > self.epochs] if self.name == "multistep" else []
-        if late:
-            raise ValueError(f"milestones={late} lie beyond epochs={self.epochs}: that lr step would never "
-                             "happen; lower the milestone or raise schedule.epochs")
-        return self
 
 
 class SelectConfig(Strict):
@@ -201,14 +114,6 @@ class GuardConfig(Strict):
     max_retries: int = Field(3, ge=0)
     remedy: Literal["lr_decay", "more_sgld_steps", "reseed"] = "lr_decay"
     lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
-
-
-class DynamicsConfig(Strict):
-    """Energy dynamics during training (JEAT Fig.3, WEAT ΔE curves) on a fixed training subset."""
-
-    every_n_epochs: int = Field(1, ge=0, description="0: off")
-    n_fixed: int = Field(512, ge=1)
-    every_n_steps: int = Field(10, ge=0, description="JEAT Δx/Δθ probes on batches with x_adv every N steps; 0: off")
 
 
 class MethodConfig(Strict):
@@ -253,15 +158,6 @@ class TrainingConfig(Strict):
     val_batch_size: int = Field(256, ge=1, description="images per forward pass in validation and dynamics")
     log_every_steps: int = Field(100, ge=1)
     grid_every_epochs: int = Field(10, ge=0, description="sample grid to MLflow every N epochs; 0: off")
-
-
-class AutoAttackConfig(Strict):
-    version: Literal["standard", "plus", "rand"] = "standard"
-    norm: Literal["Linf", "L2"] = "Linf"
-    eps: Fraction = Field(8 / 255, gt=0.0)
-    n_examples: int | None = Field(None, ge=1, description="null: full test set")
-    batch_size: int = Field(128, ge=1)
-    seed: int = 0
 
 
 class EOTConfig(Strict):
@@ -380,12 +276,6 @@ class FisherConfig(Strict):
 
 class EnergyStatsConfig(Strict):
     n_examples: int = Field(10000, ge=1)
-
-
-class LandscapeConfig(Strict):
-    grid: int = Field(51, ge=3)
-    radius: Fraction = Field(1.74, gt=0.0, description="L2 radius of the plane; 8/255*sqrt(3072) ~ 1.74")
-    n_images: int = Field(4, ge=1)
 
 
 class MetricsConfig(Strict):
@@ -630,7 +520,7 @@ def params_from_dict(raw: Any, *, source: str = "params") -> Params:
                               f"allowed: {list(SECTION_NAMES)}")
         resolved = params.profile_config(name)
         problems = _reference_problems(resolved, spec, prefix=f"profiles.{name}.", by_dataset=resolved.methods_by_dataset)
-        problems += _selection_problems(resolved, resolved.runs, resolved.methods_by_dataset, f"profiles.{name}.")
+        problems += _run_problems(resolved, resolved.runs, resolved.methods_by_dataset, f"profiles.{name}.")
         if problems:
             raise ConfigError(_report(f"{source}, profile '{name}'", problems))
     return params
@@ -646,6 +536,7 @@ def validate_run(run: RunConfig) -> None:
     except ValidationError as err:
         problems = [f"{where}.{_describe(e, MethodConfig)}" for e in err.errors()]
     problems += _method_problems([(where, run.method)])
+    problems += [f"{where}.{key}: {text}" for key, text in dataset_problems(run.method, run.dataset.num_classes)]
     if _selects_without_validation(run.method, run.dataset):
         problems.append(f"{where}.select.rule: '{run.method.select.rule}' needs a validation split, but data set "
                         f"'{run.dataset_name}' has n_valid 0; set n_valid > 0 or select.rule: last")
@@ -691,8 +582,6 @@ def _method_problems(method_configs: list[tuple[str, MethodConfig]]) -> list[str
     A per-data-set copy (dataset_methods.<d>.<m>) reports only problems its methods.<m> does not
     already have, so one bad setting is reported once.
     """
-    from .methods import method_problems  # the methods package imports config's neighbours, not config
-
     problems, seen = [], set()
     for where, method in method_configs:
         name = where.split(".")[-1]
@@ -709,16 +598,22 @@ def _selects_without_validation(method: MethodConfig, dataset: DatasetConfig) ->
     return method.select.rule != "last" and dataset.n_valid == 0
 
 
-def _selection_problems(sections: Sections, runs: list[tuple[str, str]], by_dataset, prefix: str) -> list[str]:
-    """`_selects_without_validation` for every run of a profile (one line per data set)."""
+def _run_problems(sections: Sections, runs: list[tuple[str, str]], by_dataset, prefix: str) -> list[str]:
+    """What each run of a profile cannot do on its data set: select on a validation split the data set lacks
+    (one line per data set), settings its method rejects there (methods.dataset_problems)."""
     selecting: dict[str, list[str]] = {}
+    problems = []
     for d, m in runs:
         if d not in sections.datasets or m not in sections.methods:
             continue  # reported as unknown names
-        if _selects_without_validation(by_dataset.get(d, {}).get(m, sections.methods[m]), sections.datasets[d]):
+        method, dataset = by_dataset.get(d, {}).get(m, sections.methods[m]), sections.datasets[d]
+        if _selects_without_validation(method, dataset):
             selecting.setdefault(d, []).append(m)
+        where = f"dataset_methods.{d}.{m}" if m in by_dataset.get(d, {}) else f"methods.{m}"
+        problems += [f"{where}.{key}: {text} (run on data set '{d}')"
+                     for key, text in dataset_problems(method, dataset.num_classes)]
     return [f"{prefix}runs.{d}: datasets.{d}.n_valid is 0, but method(s) {ms} select their epoch on validation "
-            "images; set n_valid > 0 or their select.rule: last" for d, ms in selecting.items()]
+            "images; set n_valid > 0 or their select.rule: last" for d, ms in selecting.items()] + problems
 
 
 def _method_configs(methods: dict[str, MethodConfig],

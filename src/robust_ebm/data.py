@@ -23,18 +23,17 @@ import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .files import BadFileError, load_torch
 from .runtime import atomic_torch_save, atomic_write_json, pick_device
-
-if TYPE_CHECKING:  # config imports sampling/models; keep data importable from them without a cycle
-    from .config import DatasetConfig, Params
+from .schema_types import Fraction, Strict
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 JPEG_CIFAR_NOTE = "JPEG q75 ImageFolder copy: close to, not equal to, official CIFAR-10"
@@ -42,6 +41,64 @@ JPEG_CIFAR_NOTE = "JPEG q75 ImageFolder copy: close to, not equal to, official C
 
 class DataUnavailableError(RuntimeError):
     """A data set is neither on disk nor downloadable; the message says how to provide it."""
+
+
+# --------------------------------------------------------------------------- settings (datasets.<d>, methods.<m>.data)
+
+
+class DatasetConfig(Strict):
+    """One data set. `root` defaults to <paths.data_root>/<key> (resolved by `ProfileConfig.dataset`)."""
+
+    source: Literal["sklearn_digits", "torchvision", "imagefolder"]
+    name: Literal["CIFAR10", "CIFAR100", "SVHN"] | None = Field(None, description="torchvision class (source torchvision)")
+    root: str | None = None
+    num_classes: int = Field(ge=2)
+    channels: Literal[1, 3]
+    image_size: int = Field(ge=8)
+    n_valid: int = Field(ge=0, description="held out from train by split_seed; used for model selection")
+    n_train: int | None = Field(None, ge=1, description="keep only this many training images (mini profile); null: all")
+    split_seed: int = Field(0, ge=0, description="seed of the train/valid split (one split per data set)")
+    download: bool = Field(False, description="try torchvision's download when nothing local is found")
+    n_test: int | None = Field(None, ge=1, description="sklearn_digits: size of its stratified test split")
+    stats_rank: int = Field(64, ge=1, description="principal directions kept per class (WEAT PCA init; data.class_stats)")
+
+    @model_validator(mode="after")
+    def _check_source(self):
+        if self.source == "torchvision" and self.name is None:
+            raise ValueError("source 'torchvision' needs name: one of CIFAR10, CIFAR100, SVHN")
+        if self.source != "torchvision" and self.name is not None:
+            raise ValueError(f"name is only used with source 'torchvision'; remove it for source '{self.source}'")
+        if self.source == "sklearn_digits":
+            if (self.channels, self.image_size, self.num_classes) != (1, 8, 10):
+                raise ValueError("sklearn digits are 8x8 grayscale with 10 classes: set channels 1, image_size 8, num_classes 10")
+            if self.n_test is None:
+                raise ValueError("source 'sklearn_digits' needs n_test (size of its test split, e.g. 360)")
+        if self.source == "torchvision":
+            want = {"CIFAR10": 10, "CIFAR100": 100, "SVHN": 10}[self.name]
+            if (self.channels, self.image_size, self.num_classes) != (3, 32, want):
+                raise ValueError(f"{self.name} is 32x32 RGB with {want} classes: set channels 3, image_size 32, num_classes {want}")
+        return self
+
+
+Augment = Literal["crop_flip", "flip", "none"]
+
+
+class DataConfig(Strict):
+    """Batches of one method. The p(x) stream (JEM family) is a second, independent loader."""
+
+    batch_size: int = Field(ge=1)
+    px_batch_size: int | None = Field(None, ge=1, description="second p(x) batch stream; null: none")
+    augment: Augment = "crop_flip"
+    noise_std: Fraction = Field(0.0, ge=0.0, description="x + N(0, s^2) in pixel units, not clamped (JEM family: 0.015 = their 0.03 in [-1,1] units)")
+    px_augment: Augment | None = Field(None, description="augmentation of the p(x) stream; null: same as augment")
+    px_noise_std: Fraction | None = Field(None, ge=0.0, description="noise of the p(x) stream; null: same as noise_std")
+    crop_padding: Literal["reflect", "zeros"] = Field(
+        "reflect", description="padding of crop_flip's 4-px crop: reflect (JEM family: tr.Pad(4, padding_mode='reflect')) "
+                               "or zeros (TRADES/MART/MAIL/WEAT: transforms.RandomCrop(32, padding=4))")
+    holdout: bool = Field(True, description="train without the data set's n_valid held-out images (JEM, JEM++); "
+                                            "false: train on all training images (TRADES, MART, MAIL, WEAT), select.rule must be 'last'")
+    drop_last: bool = Field(True, description="drop the last partial batch of an epoch (JEM family); false: keep it "
+                                              "(torch DataLoader default, TRADES/MART/MAIL/WEAT)")
 
 
 # --------------------------------------------------------------------------- splits
@@ -521,8 +578,9 @@ def weat_pca_singular_values(stats: ClassStats, k: int, rank: int) -> Tensor:
 # --------------------------------------------------------------------------- the data stage
 
 
-def prepare_stage(params: Params, profile: str, dataset: str, out_dir: str | Path) -> dict:
-    """Load `dataset` as `profile` configures it; write splits.pt, class_stats.pt and data.json to out_dir."""
+def prepare_stage(params, profile: str, dataset: str, out_dir: str | Path) -> dict:
+    """Load `dataset` as `profile` of `params` (config.Params) configures it; write splits.pt, class_stats.pt
+    and data.json to out_dir."""
     prof = params.profile_config(profile)
     cfg, out_dir = prof.dataset(dataset), Path(out_dir)
     splits = load_splits(cfg)

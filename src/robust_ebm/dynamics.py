@@ -21,11 +21,24 @@ what `dvc plots` reads; `columns` turns them back into aligned lists for the fig
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from . import attacks
 from .energy import joint_energy, marginal_energy
 from .runtime import model_mode
+from .schema_types import Strict
+
+
+# --------------------------------------------------------------------------- settings (methods.<m>.dynamics)
+
+
+class DynamicsConfig(Strict):
+    """Energy dynamics during training (JEAT Fig.3, WEAT ΔE curves) on a fixed training subset."""
+
+    every_n_epochs: int = Field(1, ge=0, description="0: off")
+    n_fixed: int = Field(512, ge=1)
+    every_n_steps: int = Field(10, ge=0, description="JEAT Δx/Δθ probes on batches with x_adv every N steps; 0: off")
 
 
 class _Moments:

@@ -27,11 +27,65 @@ from __future__ import annotations
 import contextlib
 import math
 from functools import partial
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
+
+from .schema_types import Strict
+
+# --------------------------------------------------------------------------- settings (methods.<m>.optim, .schedule)
+
+
+class OptimConfig(Strict):
+    name: Literal["sgd", "adam", "sam"]
+    lr: float = Field(gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    sam_rho: float = Field(0.05, gt=0.0, description="SAM neighbourhood radius (SADA-JEM: 2.0, adaptive)")
+    sam_adaptive: bool = False
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, betas):
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        return betas
+
+
+class ScheduleConfig(Strict):
+    """Learning-rate schedule, stepped per iteration (warm-up, onecycle) or per epoch (multistep)."""
+
+    name: Literal["constant", "multistep", "cosine", "onecycle"]
+    epochs: int = Field(ge=1)
+    milestones: list[int] = Field(default_factory=list, description="0-based epochs from which lr *= gamma once more "
+                                  "(multistep; torch MultiStepLR stepped per epoch; a 1-based `epoch >= m` is milestone m - 1)")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_iters: int = Field(0, ge=0, description="linear warm-up from 0 (JEM family: 1000)")
+    pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of steps spent rising")
+
+    @field_validator("milestones")
+    @classmethod
+    def _check_milestones(cls, milestones):
+        if any(m <= 0 for m in milestones) or milestones != sorted(set(milestones)):
+            raise ValueError(f"milestones must be positive and strictly increasing, got {milestones}")
+        return milestones
+
+    @model_validator(mode="after")
+    def _check_milestones_fit(self):
+        late = [m for m in self.milestones if m > self.epochs] if self.name == "multistep" else []
+        if late:
+            raise ValueError(f"milestones={late} lie beyond epochs={self.epochs}: that lr step would never "
+                             "happen; lower the milestone or raise schedule.epochs")
+        return self
+
+
+# --------------------------------------------------------------------------- optimisers
 
 
 class SAM:

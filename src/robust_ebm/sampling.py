@@ -478,6 +478,13 @@ def make_init_fn(cfg: SamplerConfig, *, shape, stats=None, data=None, device=Non
 # ---------------------------------------------------------------- replay buffer
 
 
+def buffer_size_problem(size: int, num_classes: int) -> str | None:
+    """Why a replay buffer of `size` rows cannot hold one equal block per class (None: it can)."""
+    if size < num_classes or size % num_classes:
+        return f"buffer_size {size} must be a positive multiple of num_classes {num_classes} (one block per class)"
+    return None
+
+
 class ReplayBuffer:
     """JEM's persistent buffer of SGLD chains (PCD).
 
@@ -502,8 +509,8 @@ class ReplayBuffer:
         device="cpu",
         storage: Literal["float32", "uint8", "float64"] = "float32",
     ):
-        if size < num_classes or size % num_classes:
-            raise ValueError(f"buffer_size {size} must be a positive multiple of num_classes {num_classes} (one block per class)")
+        if problem := buffer_size_problem(size, num_classes):
+            raise ValueError(problem)
         if not 0.0 <= reinit_prob <= 1.0:
             raise ValueError(f"reinit_prob must be in [0,1], got {reinit_prob}")
         if storage not in ("float32", "uint8", "float64"):

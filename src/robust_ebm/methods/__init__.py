@@ -1,8 +1,9 @@
 """Training methods: one file per method family, each a loss over a batch (see base.Method).
 
 REGISTRY maps `MethodConfig.loss` names to classes; `build_method(cfg, ...)` instantiates one;
-`method_problems(cfg)` lists what a method cannot run with (params, attack, sampler, p(x) stream),
-which config.py checks for every method when params.yaml loads.
+`method_problems(cfg)` lists what a method cannot run with (params, attack, sampler, p(x) stream)
+and `dataset_problems(cfg, num_classes)` what it cannot run with on a data set, which config.py
+checks for every method and every run when params.yaml loads. This package never imports config.
 """
 
 from __future__ import annotations
@@ -53,9 +54,16 @@ def method_problems(cfg) -> list[tuple[str, str]]:
     return REGISTRY[cfg.loss].config_problems(cfg)
 
 
+def dataset_problems(cfg, num_classes: int) -> list[tuple[str, str]]:
+    """(key, problem) for every setting of `cfg` its method cannot run with on a data set of `num_classes`
+    classes (base.Method.dataset_problems); an unknown loss is `method_problems`' to report."""
+    return REGISTRY[cfg.loss].dataset_problems(cfg, num_classes) if cfg.loss in REGISTRY else []
+
+
 def build_method(cfg, **kw) -> Method:
     """Instantiate the method named by cfg.loss (kw: num_classes, image_shape, stats, device, generator)."""
     return method_class(cfg.loss)(cfg, **kw)
 
 
-__all__ = ["Batch", "LossOutput", "Method", "REGISTRY", "build_method", "method_problems", "validate_params"]
+__all__ = ["Batch", "LossOutput", "Method", "REGISTRY", "build_method", "dataset_problems", "method_problems",
+           "validate_params"]

@@ -65,8 +65,9 @@ class Method(ABC):
     """Base class: one subclass per training method (see the module docstring for the protocol).
 
     What a method needs from its `MethodConfig` is declared by class attributes and checked by
-    `config_problems` when params.yaml loads (config.py), so `robust-ebm check` rejects every
-    setting that building the method would reject; `__init__` runs the same check.
+    `config_problems` (and, per data set, `dataset_problems`) when params.yaml loads (config.py), so
+    `robust-ebm check` rejects every setting that building the method would reject; `__init__` runs
+    the same checks.
     """
 
     Params: type[Strict] = NoParams
@@ -113,15 +114,21 @@ class Method(ABC):
         return problems
 
     @classmethod
-    def check_config(cls, cfg) -> None:
-        """`config_problems` as one ValueError (for configs built outside load_params, e.g. bench, tests)."""
-        problems = cls.config_problems(cfg)
+    def dataset_problems(cls, cfg, num_classes: int) -> list[tuple[str, str]]:
+        """(key, problem) for every setting this method cannot run with on a data set of `num_classes` classes."""
+        return []
+
+    @classmethod
+    def check_config(cls, cfg, num_classes: int | None = None) -> None:
+        """`config_problems` (and `dataset_problems` given `num_classes`) as one ValueError (for configs built
+        outside load_params, e.g. bench, tests)."""
+        problems = cls.config_problems(cfg) + (cls.dataset_problems(cfg, num_classes) if num_classes is not None else [])
         if problems:
             raise ValueError(f"method '{cfg.loss}': " + "; ".join(f"{key}: {text}" for key, text in problems))
 
     def __init__(self, cfg, *, num_classes: int, image_shape: tuple[int, int, int], stats=None,
                  device, generator: torch.Generator):
-        self.check_config(cfg)
+        self.check_config(cfg, num_classes)
         self.cfg = cfg
         self.name = cfg.loss
         self.params = parse_params(self.Params, cfg.params, self.name)

@@ -82,6 +82,12 @@ class SamplerMethod(Method):
     remedies = ("more_sgld_steps",)
     needs_sampler = True
 
+    @classmethod
+    def dataset_problems(cls, cfg, num_classes: int) -> list[tuple[str, str]]:
+        """The persistent buffer holds one block per class (sampling.ReplayBuffer)."""
+        problem = cfg.sampler and sampling.buffer_size_problem(cfg.sampler.buffer_size, num_classes)
+        return [("sampler.buffer_size", f"{problem}; set a multiple of {num_classes}")] if problem else []
+
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
         self.sampler = PersistentSampler(cfg.sampler, image_shape=self.image_shape, num_classes=self.num_classes,
