@@ -12,6 +12,7 @@ import torch
 from robust_ebm import claims as C
 from robust_ebm.config import load_params
 from robust_ebm.landscape import energy_landscape, landscape_statistics, plane_directions, plane_statistics
+from robust_ebm.papers import own_generator
 from repo_copy import ROOT
 from helpers import tiny_classifier
 
@@ -108,14 +109,14 @@ def stat(mean, std=0.1, n=16):
 
 
 def metrics_json(*, flat=1.0, level=0.0, jfs=5.0, mfs=4.0, delta_pgd=2.0, gen_mean=None, is_=(2.0, 0.05), fid=10.0,
-                 refclf=True):
+                 refclf=True, method="standard"):
     land = {k: {"mean_abs_delta": stat(flat), "mean_energy": stat(level), "centre_energy": stat(level),
                 "centre_rank": stat(0.5)} for k in ("E_xy", "E_x")}
     gen = {"n_samples": 40, "refclf": ({"is_refclf": is_[0], "is_std_refclf": is_[1], "fid_refclf": fid, "n": 40}
                                        if refclf else {"status": "not computed: self"})}
     summary = {"clean": {"E_xy": stat(0.0, 1.0, 128), "E_x": stat(0.0, 1.0, 128)}}
     if gen_mean is not None:
-        summary["generated/jeat_eq17"] = {"E_xy": stat(gen_mean, 1.0, 40), "E_x": stat(gen_mean, 1.0, 40)}
+        summary[f"generated/{own_generator(method)}"] = {"E_xy": stat(gen_mean, 1.0, 40), "E_x": stat(gen_mean, 1.0, 40)}
     delta = {f"{k}/clean-{a}": stat(delta_pgd, 0.5, 128) for k in ("E_xy", "E_x") for a in ("pgd", "apgd_ce")}
     delta["E_x/clean-apgd_t"] = stat(-1.0, 0.5, 16)
     return {"inception": {"status": "unavailable", "reason": "offline"},
@@ -127,7 +128,8 @@ def metrics_json(*, flat=1.0, level=0.0, jfs=5.0, mfs=4.0, delta_pgd=2.0, gen_me
 
 def test_landscape_fisher_and_energy_gap_claims(tmp_path, profile):
     write(tmp_path, "metrics", "standard", metrics_json(flat=3.0, level=1.0, jfs=9.0, delta_pgd=-5.0, gen_mean=8.0))
-    write(tmp_path, "metrics", "pgd_at", metrics_json(flat=1.0, level=-1.0, jfs=5.0, delta_pgd=-0.5, gen_mean=8.0))
+    write(tmp_path, "metrics", "pgd_at", metrics_json(flat=1.0, level=-1.0, jfs=5.0, delta_pgd=-0.5, gen_mean=8.0,
+                                                      method="pgd_at"))
     write(tmp_path, "metrics", "jeat", metrics_json(flat=1.0, level=-3.0, jfs=6.0))
     r = C.Results(tmp_path, profile)
     assert verdict(r, "landscape_flatter_and_lower", flatter=["pgd_at"], than="standard")["verdict"] == "holds"

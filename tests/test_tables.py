@@ -146,6 +146,73 @@ def test_every_paper_method_and_metric_is_mapped():
     assert {k for k, _ in tables.METHODS.values() if k} <= set(load_params(ROOT / "params.yaml").methods)
 
 
+def mapping_errors(raw, edit, tmp_path, capsys) -> str:
+    """What `robust-ebm check` says (exit 2) on params.yaml after `edit`."""
+    import copy
+
+    import yaml
+
+    from robust_ebm import cli
+
+    data = copy.deepcopy(raw)
+    edit(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert cli.main(["check", "--params", str(path), "--profile", "smoke", "--skip-inputs"]) == 2
+    return capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def raw():
+    import yaml
+
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_check_rejects_a_mapping_that_does_not_fit_params(raw, tmp_path, capsys):
+    """paper_mapping.yaml names methods, data sets and generators of params.yaml: `robust-ebm check` (and the
+    figures, claims and tables stages) fails on each one params.yaml lacks, naming the mapping key and the fix."""
+    def rename_generator(d):
+        d["generation"]["generators"]["buffer"] = d["generation"]["generators"].pop("jem_buffer")
+    msg = mapping_errors(raw, rename_generator, tmp_path, capsys)
+    assert "paper_mapping.yaml does not fit" in msg
+    assert "generators.jem: 'jem_buffer' is not a generator of params.yaml" in msg
+    msg = mapping_errors(raw, lambda d: d["generation"]["generators"]["jem_buffer"]["methods"].remove("jem"),
+                         tmp_path, capsys)
+    assert "generators.jem: its own generator 'jem_buffer' does not run for it" in msg
+    def drop_method(d):
+        del d["methods"]["noise_8"]
+    msg = mapping_errors(raw, drop_method, tmp_path, capsys)
+    assert "methods.noise_injection_sigma_8_over_255: 'noise_8' is not a method of params.yaml" in msg
+    assert "set it to null" in msg
+    def drop_svhn(d):
+        paper = d["profiles"]["paper"]
+        for entries, key in [(d["datasets"], "svhn"), (paper["runs"], "svhn"), (paper["table_datasets"], "SVHN"),
+                             (paper["overrides"]["dataset_methods"], "svhn")]:
+            del entries[key]
+    msg = mapping_errors(raw, drop_svhn, tmp_path, capsys)
+    assert "datasets.SVHN: 'svhn' is not a data set of params.yaml" in msg
+
+
+def test_mapping_problems_name_bad_paths_and_a_missing_default(params, monkeypatch):
+    from robust_ebm import papers
+
+    mapping = papers._MAPPING
+    metrics = dict(mapping.metrics) | {"JFS": papers._Metric(file="metrics", path="fishr.jfs"),
+                                       "IS": papers._Metric(file="metrics", path="generators.{gen}.is_inception"),
+                                       "robust_accuracy_AA": papers._Metric(file="eval", path="columns.aa.accuracy")}
+    generators = {k: v for k, v in mapping.generators.items() if k != papers.DEFAULT_GENERATOR_KEY}
+    monkeypatch.setattr(papers, "_MAPPING", mapping.model_copy(update={"metrics": metrics, "generators": generators}))
+    problems = "\n".join(papers.mapping_problems(params))
+    assert "metrics.JFS.path: 'fishr.jfs' is not a field of the metrics stage's output" in problems
+    assert "metrics.IS.path: unknown placeholder(s) ['gen']" in problems
+    assert "metrics.robust_accuracy_AA.path: 'columns.aa.accuracy' is not a field of the eval stage's output" in problems
+    assert "generators: no 'default' entry" in problems
+    with pytest.raises(ValueError, match="no generator for method 'standard'"):
+        papers.own_generator("standard")
+    assert papers.own_generator("jem") == "jem_buffer"
+
+
 def _texts(table):
     """Every distinct non-numeric text of the metric and notes cells (what must become a footnote)."""
     n = len(tables.LABEL_COLUMNS)

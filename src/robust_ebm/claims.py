@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .papers import own_generator
 from .runtime import atomic_write_json, atomic_write_text
 
 HOLDS, FAILS = "holds", "fails"
@@ -434,8 +435,7 @@ def _gap(results, dataset, method, kind, which) -> Estimate:
         return Estimate(abs(d.value), d.se, d.n)
     if which != "generated":
         raise ValueError(f"energy gap set must be 'adversarial' or 'generated', got '{which}'")
-    sets = _claims_data().get("generated_set", {})
-    gen = f"generated/{sets.get(method, sets.get('default', 'jeat_eq17'))}"
+    gen = f"generated/{own_generator(method)}"   # the method's own set (resources/paper_mapping.yaml)
     parts = []
     for s in results.metrics(dataset, method, "energy|summary", "energy summaries"):
         if gen not in s or "clean" not in s:

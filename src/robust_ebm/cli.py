@@ -145,6 +145,7 @@ def cmd_check(args) -> None:
     from .plan import Plan
 
     params, profile = _profile_config(args)
+    _check_paper_mapping(params, args.params)
     plan = Plan(params, profile.name, params_file=args.params)
     print(f"{args.params}: valid ({len(params.profiles)} profiles: {', '.join(params.profiles)})")
     print(plan.describe())
@@ -226,12 +227,26 @@ def cmd_metrics(args) -> None:
                                             refclf, evaluation, out, tracker=t, source=source), [out])
 
 
+def _check_paper_mapping(params, source: str) -> None:
+    """resources/paper_mapping.yaml against params.yaml (papers.mapping_problems): in `check` and in the
+    stages that read the mapping (figures, claims, tables), never in the others (their code deps)."""
+    from .config import ConfigError
+    from .papers import MAPPING_FILE, mapping_problems
+
+    problems = mapping_problems(params)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"src/robust_ebm/{MAPPING_FILE} does not fit {source} ({len(problems)} problem"
+                          f"{'s' * (len(problems) != 1)}; fix the mapping or params.yaml):\n{lines}")
+
+
 def _profile_stage(args, stage: str, call, after=None) -> None:
     """A stage over a whole profile: its own run in experiment <prefix>/<profile>; `after(tracker, profile,
     files)` may log more (the figures of one run into that run's parent)."""
     from .tracking import open_run
 
-    _, profile = _profile_config(args)
+    params, profile = _profile_config(args)
+    _check_paper_mapping(params, args.params)
     with open_run(profile=profile.name, stage=stage, uri=profile.tracking.uri,
                   prefix=profile.tracking.experiment_prefix, project_dir=_project_dir(args)) as tracker:
         files = call(profile, Path(args.results), Path(args.out))

@@ -1,42 +1,143 @@
-"""The published numbers of the three papers (resources/paper_tables.yaml) and which of our
-methods each paper's method name means: read by the tables (paper vs ours) and by the
-clean-vs-AutoAttack scatter (published points beside ours).
+"""The published numbers of the three papers (resources/paper_tables.yaml) and how the papers'
+names map to ours (resources/paper_mapping.yaml): read by the tables (paper vs ours), the claims
+(a method's own generated set) and the clean-vs-AutoAttack scatter (published points beside ours).
+
+The mapping is data; `mapping_problems(params)` checks every key of ours it names against
+params.yaml. `robust-ebm check` and the stages that read the mapping (figures, claims, tables) run
+that check before any work; the other stages neither read nor import it, so editing the mapping
+never invalidates a trained model.
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from importlib import resources
+from typing import Literal
 
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
+from .schema_types import Strict
+
+MAPPING_FILE = "resources/paper_mapping.yaml"
+
+
+class _Ours(Strict):
+    ours: str | None
+    note: str = ""
+
+
+class _Metric(Strict):
+    """Where our number for a paper metric lives, or why there is none."""
+
+    file: Literal["eval", "metrics"] | None = None
+    path: str | None = None
+    scale: float = Field(1.0, gt=0.0)
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.file is None) != (self.path is None) or (self.file is None) == (self.reason is None):
+            raise ValueError("give either file and path (and scale) or a reason")
+        return self
+
+
+class _StandIn(Strict):
+    column: str
+    path: str
+
+
+class _Mapping(Strict):
+    datasets: dict[str, str]
+    architectures: list[str]
+    methods: dict[str, str | _Ours | None]
+    generators: dict[str, str] = Field(description="method -> its own generator; `default`: every other method")
+    metrics: dict[str, _Metric]
+    stand_ins: dict[str, _StandIn]
+
+
+def _load_mapping() -> _Mapping:
+    text = resources.files("robust_ebm").joinpath(MAPPING_FILE).read_text()
+    try:
+        return _Mapping.model_validate(yaml.safe_load(text))
+    except ValidationError as err:
+        raise ValueError(f"{MAPPING_FILE} is invalid: {err}") from None
+
+
+_MAPPING = _load_mapping()
+DEFAULT_GENERATOR_KEY = "default"
 # Paper method name -> (our method key | None, note). None: an external baseline we do not train.
 METHODS: dict[str, tuple[str | None, str]] = {
-    "standard_training": ("standard", ""), "Normal": ("standard", ""),
-    "AT": ("pgd_at", ""), "AT (original robust classifier)": ("pgd_at", ""),
-    "SAT": ("pgd_at", ""), "SAT (Madry)": ("pgd_at", ""), "adversarial_training": ("pgd_at", ""),
-    "TRADES": ("trades", ""), "MART": ("mart", ""), "MAIL-TR": ("mail_tr", ""),
-    "noise_injection_sigma_8_over_255": ("noise_8", ""),
-    "noise_injection_sigma_16_over_255": ("noise_16", ""),
-    "noise_injection_sigma_24_over_255": ("noise_24", ""),
-    "JEAT": ("jeat", ""), "JEM": ("jem", ""), "JEM++": ("jempp", ""), "SADA-JEM": ("sadajem", ""),
-    "JEM-family": ("jem", "EB-JDAT's 'JEM-family' row compared with our jem"),
-    "WEAT_nat": ("weat_nat", ""), "WEAT_adv": ("weat_adv", ""),
-    "WEAT": ("weat_adv", "the paper does not name the WEAT variant; compared with weat_adv"),
-    "WEAT (best generation setting)": ("weat_adv", "compared with weat_adv"),
-    "WEAT(IF) informative-init sampling": ("weat_adv", "informative (PCA) init: our weat_momentum generator"),
-    "EB-JDAT-JEM++": ("ebjdat_jempp", ""), "EB-JDAT-SADAJEM": ("ebjdat_sadajem", ""),
-    "EB-JDAT": ("ebjdat_jempp", "Fig.5 ablation of EB-JDAT-JEM++"),
-    **{f"EB-JDAT-JEM++ w={w}": (None, "weight ablation of EB-JDAT-JEM++, not in params.yaml (add a method "
-                                "with these weights to reproduce it)") for w in ("(0,0,1)", "(0,1,1)", "(1,0.5,1)", "(1,1,1)")},
-    "SAT/TRADES analysis": (None, "analysis setting, not a trained model"),
-    "all other rows": (None, "rows not recovered from the paper"),
-    **{name: (None, "") for name in ("AWP", "Better DM (Wang et al. 2023)", "DHAT-CFA", "GAIR-RST", "Glow",
-                                     "Gowal et al. 2021", "IGEBM", "IKL", "LAS-AT", "LAS-AWP", "SCORE")},
-}
+    name: (m.ours, m.note) if isinstance(m, _Ours) else (m, "") for name, m in _MAPPING.methods.items()}
+# Paper metric -> (our file 'eval'|'metrics', dotted JSON path, scale) or (None, reason, None).
+METRICS: dict[str, tuple[str | None, str, float | None]] = {
+    name: (m.file, m.path, m.scale) if m.file else (None, m.reason, None) for name, m in _MAPPING.metrics.items()}
+# Paper metric -> (stand-in column, dotted path) of ours only, beside Inception IS/FID (reference classifier).
+STAND_INS: dict[str, tuple[str, str]] = {name: (s.column, s.path) for name, s in _MAPPING.stand_ins.items()}
+# Paper data-set name -> our data set key for the same data.
+PAPER_DATASETS: dict[str, str] = dict(_MAPPING.datasets)
+KNOWN_ARCHITECTURES: frozenset[str] = frozenset(_MAPPING.architectures)
 # A paper's metric names for the two axes of the clean-vs-AutoAttack scatter (EB-JDAT Fig.1).
 CLEAN_METRICS = ("clean_accuracy", "accuracy_no_attack")
 AUTOATTACK_METRIC = "robust_accuracy_AA"
+
+
+def own_generator(method: str) -> str:
+    """The generated set that is `method`'s own (its IS/FID, its clean-vs-generated energy gap)."""
+    gens = _MAPPING.generators
+    if method not in gens and DEFAULT_GENERATOR_KEY not in gens:
+        raise ValueError(f"{MAPPING_FILE}: no generator for method '{method}' and no '{DEFAULT_GENERATOR_KEY}'; add one")
+    return gens.get(method, gens.get(DEFAULT_GENERATOR_KEY))
+
+
+def mapping_problems(params) -> list[str]:
+    """Every key of ours that paper_mapping.yaml names but `params` (config.Params) lacks, each with its fix,
+    as '<key in the mapping>: <problem>'."""
+    methods, datasets = sorted(params.methods), sorted(params.datasets)
+    generators = params.generation.generators
+    problems = []
+    for name, (ours, _) in METHODS.items():
+        if ours is not None and ours not in params.methods:
+            problems.append(f"methods.{name}: '{ours}' is not a method of params.yaml (allowed: {methods}); "
+                            "fix the name, set it to null (an external baseline), or add the method")
+    for name, key in PAPER_DATASETS.items():
+        if key not in params.datasets:
+            problems.append(f"datasets.{name}: '{key}' is not a data set of params.yaml (allowed: {datasets})")
+    if DEFAULT_GENERATOR_KEY not in _MAPPING.generators:
+        problems.append(f"generators: no '{DEFAULT_GENERATOR_KEY}' entry; add one (the generator of every "
+                        "method not listed) or list every method")
+    for method, gen in _MAPPING.generators.items():
+        if method != DEFAULT_GENERATOR_KEY and method not in params.methods:
+            problems.append(f"generators.{method}: not a method of params.yaml (allowed: {methods} "
+                            f"or '{DEFAULT_GENERATOR_KEY}')")
+        elif gen not in generators:
+            problems.append(f"generators.{method}: '{gen}' is not a generator of params.yaml "
+                            f"(generation.generators: {sorted(generators)})")
+    for method in params.methods if DEFAULT_GENERATOR_KEY in _MAPPING.generators else []:
+        gen = own_generator(method)
+        if gen in generators and not generators[gen].applies_to(method):
+            problems.append(f"generators.{method}: its own generator '{gen}' does not run for it "
+                            f"(generation.generators.{gen}.methods); add '{method}' there or map it to another")
+    sections = {"eval": {"columns": {"clean", *type(params.evaluation).model_fields}},
+                "metrics": {"generators", "inception", *type(params.metrics).model_fields}}
+    paths = [(f"metrics.{n}", m.file, m.path) for n, m in _MAPPING.metrics.items() if m.file]
+    paths += [(f"stand_ins.{n}", "metrics", s.path) for n, s in _MAPPING.stand_ins.items()]
+    for key, file, path in paths:
+        head, _, rest = path.partition(".")
+        fields = {f for _, f, _, _ in string.Formatter().parse(path) if f is not None}
+        if file == "eval":
+            ok = head == "columns" and rest.partition(".")[0] in sections["eval"]["columns"]
+            allowed = f"columns.<one of {sorted(sections['eval']['columns'])}>..."
+        else:
+            ok = head in sections["metrics"]
+            allowed = f"<one of {sorted(sections['metrics'])}>..."
+        if not ok:
+            problems.append(f"{key}.path: '{path}' is not a field of the {file} stage's output; allowed: {allowed}")
+        if fields - {"generator"}:
+            problems.append(f"{key}.path: unknown placeholder(s) {sorted(fields - {'generator'})} in '{path}'; "
+                            "only {generator} (the method's own generator) is filled in")
+    return problems
 
 
 def load_paper_records() -> list[dict]:

@@ -4,8 +4,9 @@ Markdown, CSV and LaTeX, our number beside the published one.
 Rows are the paper's rows (data set, method, architecture); per metric three
 columns: paper, ours (mean ± std over seeds), ours − paper. Our numbers are
 read from the stage outputs results/<P>/{eval,metrics}/<D>/<M>/s<S>.json
-through the explicit maps below (paper name -> our key / JSON field): nothing
-is typed in. A cell that cannot be computed holds the reason instead.
+through the explicit maps of resources/paper_mapping.yaml (papers.py: paper name -> our key /
+JSON field / a method's own generator): nothing is typed in. A cell that cannot be computed
+holds the reason instead.
 """
 
 from __future__ import annotations
@@ -21,39 +22,11 @@ from typing import Any
 
 from . import report
 from .models import architecture_name
-from .papers import METHODS, load_paper_records  # noqa: F401 (tables.METHODS: one owner, papers.py)
+from .papers import (  # noqa: F401 (tables.METHODS: one owner, papers.py)
+    KNOWN_ARCHITECTURES, METHODS, METRICS, PAPER_DATASETS, STAND_INS, load_paper_records, own_generator)
 
 EXTERNAL = "external baseline, not reproduced"
 
-# Paper metric -> (our file 'eval'|'metrics', dotted JSON path, scale) or (None, reason, None).
-# {generator} is the method's generator (GENERATORS); a path ending in '_inception' takes the
-# largest sample count written (is_inception_n<N>).
-METRICS: dict[str, tuple[str | None, str, float | None]] = {
-    "clean_accuracy": ("eval", "columns.clean.accuracy", 100.0),
-    "accuracy_no_attack": ("eval", "columns.clean.accuracy", 100.0),
-    "accuracy_normal_attack_CE": ("eval", "columns.pgd.accuracy", 100.0),
-    "accuracy_energy_attack_Exy": ("eval", "columns.energy_attack.accuracy", 100.0),
-    "robust_accuracy_PGD20": ("eval", "columns.pgd.accuracy", 100.0),
-    "robust_accuracy_PGD20_eps8": ("eval", "columns.pgd.accuracy", 100.0),
-    "robust_accuracy_AA": ("eval", "columns.autoattack.accuracy", 100.0),
-    "IS": ("metrics", "generators.{generator}.is_inception", 1.0),
-    "FID": ("metrics", "generators.{generator}.fid_inception", 1.0),
-    "JFS": ("metrics", "fisher.jfs", 1.0),
-    "MFS": ("metrics", "fisher.mfs", 1.0),
-    "mean_energy_gap_clean_vs_PGD20": ("metrics", "energy.gap.E_xy/clean->pgd", 1.0),
-    "mean_energy_gap_clean_vs_generated": ("metrics", "energy.gap.E_xy/clean->generated/{generator}", 1.0),
-    "robust_accuracy_claimed": (None, "attack unspecified in the paper: compare the PGD-20/AA columns", None),
-    "gpu_hours": (None, "hardware-specific: our training seconds are in train.json", None),
-    "epochs": (None, "a setting, not a result (params.yaml schedule.epochs)", None),
-    "extra_generated_images": (None, "a setting, not a result", None),
-    "collapse_epoch": (None, "not measured (training dynamics: figures)", None),
-    "best_adv_sampling_steps": (None, "not measured (ablation sweep not in the pipeline)", None),
-    "E_x_high_energy_threshold": (None, "a setting of WEAT's analysis, not a result", None),
-    "E_x_low_energy_threshold": (None, "a setting of WEAT's analysis, not a result", None),
-}
-# Stand-in columns (ours only) shown beside Inception IS/FID: features of the reference classifier.
-STAND_INS = {"IS": ("IS_refclf", "generators.{generator}.refclf.is_refclf"),
-             "FID": ("FID_refclf", "generators.{generator}.refclf.fid_refclf")}
 # The JEM-family papers' own IS/FID (metrics.top_confident: the most confident part of the replay buffer),
 # ours only, beside Inception IS/FID; the column names carry the ratio (e.g. IS_top10pct).
 TOP_CONFIDENT = {"IS": "is", "FID": "fid"}
@@ -68,19 +41,6 @@ def _top_confident_columns(profile) -> dict[str, tuple[str, str]]:
     first = {"IS": cfg.is_ratios[0], "FID": cfg.fid_ratios[0]}
     return {m: (f"{m}_{label(first[m])} (papers' buffer protocol)",
                 f"generators.{{generator}}.top_confident.{key}_{label(first[m])}") for m, key in TOP_CONFIDENT.items()}
-
-
-# Which generated set a method's IS/FID comes from (the paper's own procedure, papers.md §3.5).
-GENERATORS = {
-    "jem": "jem_buffer", "jempp": "jem_buffer", "sadajem": "jem_buffer", "ebjdat_jem": "jem_buffer",
-    "ebjdat_jempp": "jem_buffer", "ebjdat_sadajem": "jem_buffer",
-    "jeat": "jeat_eq17", "prejeat": "jeat_eq17", "weat_nat": "weat_momentum", "weat_adv": "weat_momentum",
-    "pgd_at": "santurkar_l2",
-}
-DEFAULT_GENERATOR = "jeat_eq16"  # JEAT Fig.4: the "original" generation of a classifier
-PAPER_DATASET_STANDIN = {"sklearn_digits": "smoke stand-in"}
-# Architectures the papers' rows name exactly; a row that states one is only diffed against the same.
-KNOWN_ARCHITECTURES = {"WRN-28-10", "WRN-34-10", "ResNet-18", "PreAct ResNet-18"}
 
 
 @dataclass
@@ -184,11 +144,6 @@ def _ours_text(cell: Cell) -> str:
     return _fmt(cell.mean)
 
 
-# The papers' data sets and our keys for the same data: a diff is only computed on the same data.
-PAPER_DATASETS = {"CIFAR-10": "cifar10", "CIFAR-100": "cifar100", "SVHN": "svhn",
-                  "Tiny-ImageNet": "tinyimagenet", "ImageNet-subset-64x64": "imagenet64"}
-
-
 def _diff_blocked(dataset: str, ours_dataset: str, paper_arch: str, ours_arch: str) -> str | None:
     """Why ours - paper would compare unlike things (another data set, or another stated architecture), else None."""
     if ours_dataset != PAPER_DATASETS.get(dataset):
@@ -233,9 +188,9 @@ def build_table(paper: str, table_id: str, records: list[dict], profile, results
             row["notes"].add("published value unknown" + (f" ({r['note']})" if r.get("note") else ""))
     out_rows = []
     for (dataset, method, arch), row in rows.items():
-        ours_method, method_note = METHODS.get(method, (None, f"method '{method}' not in tables.METHODS"))
+        ours_method, method_note = METHODS.get(method, (None, f"method '{method}' not in paper_mapping.yaml methods"))
         ours_dataset = profile.table_datasets.get(dataset)
-        generator = GENERATORS.get(ours_method or "", DEFAULT_GENERATOR)
+        generator = own_generator(ours_method) if ours_method else ""
         if ours_method is None:
             why = method_note or EXTERNAL
         elif ours_dataset is None:
