@@ -331,6 +331,13 @@ class FiguresConfig(Strict):
 # --------------------------------------------------------------------------- profiles and the whole file
 
 
+class RuntimeConfig(Strict):
+    """Wall-clock limit (minutes) of each job of a profile: Snakemake's `runtime` resource (a SLURM time limit)."""
+
+    train: int = Field(48 * 60, ge=1, description="each train job")
+    other: int = Field(12 * 60, ge=1, description="each job of every other stage")
+
+
 class ProfileSpec(Strict):
     """A profile as written: which runs, which seeds, and overrides of the top-level sections."""
 
@@ -340,6 +347,7 @@ class ProfileSpec(Strict):
     runs: dict[str, list[str] | Literal["all"]] = Field(min_length=1, description="dataset -> methods or 'all'")
     overrides: dict[str, Any] = Field(default_factory=dict)
     table_datasets: dict[str, str] = Field(default_factory=dict, description="paper data-set name -> dataset key")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
 
 class Sections(Strict):

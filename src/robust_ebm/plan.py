@@ -472,9 +472,11 @@ class Plan:
         return out
 
     def resources(self, stage: str) -> dict[str, int]:
-        """gpu/mem/runtime for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only."""
+        """gpu/mem/runtime for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only; runtime
+        (minutes) is the profile's `runtime`."""
         gpu = int(stage in GPU_STAGES and self.config.device != "cpu")
-        runtime = {"smoke": 30, "mini": 240}.get(self.profile, 48 * 60 if stage == "train" else 12 * 60)
+        limits = self.params.profiles[self.profile].runtime
+        runtime = limits.train if stage == "train" else limits.other
         return {"gpu": gpu, "mem_mb": 32000 if gpu else 8000, "runtime": runtime}
 
     def template(self, stage: str, style: str) -> dict[str, str]:
