@@ -197,3 +197,18 @@ def test_moving_the_data_root_reruns_nothing(params, monkeypatch):
     changed = params.model_copy(deep=True)
     changed.datasets["cifar10"] = changed.datasets["cifar10"].model_copy(update={"n_train": 123})
     assert Plan(changed, "paper").settings("data", dataset="cifar10") != before  # a real setting still counts
+
+
+def test_job_runtime_is_the_profiles_setting_and_reruns_nothing():
+    """Snakemake's runtime comes from profiles.<P>.runtime, not from the profile's name; it is no job setting."""
+    from robust_ebm.config import params_from_dict
+
+    original = load_params(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profiles"]["smoke"]["runtime"] = {"train": 7, "other": 3}
+    raw["profiles"]["renamed"] = raw["profiles"].pop("mini")
+    params = params_from_dict(raw)
+    smoke = Plan(params, "smoke")
+    assert (smoke.resources("train")["runtime"], smoke.resources("tables")["runtime"]) == (7, 3)
+    assert Plan(params, "renamed").resources("train")["runtime"] == original.profiles["mini"].runtime.train
+    assert smoke.settings_file() == Plan(original, "smoke").settings_file()
