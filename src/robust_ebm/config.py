@@ -65,7 +65,6 @@ from .autoattack import AutoAttackConfig
 from .data import DataConfig, DatasetConfig
 from .dynamics import DynamicsConfig
 from .histogram_attacks import WEAT_FIG2 as HISTOGRAM_WEAT_FIG2, HistogramAttacksConfig
-from .landscape import LandscapeConfig
 from .methods import dataset_problems, method_problems
 from .models import ModelConfig
 from .optim import OptimConfig, ScheduleConfig
@@ -276,6 +275,15 @@ class FisherConfig(Strict):
 
 class EnergyStatsConfig(Strict):
     n_examples: int = Field(10000, ge=1)
+
+
+class LandscapeConfig(Strict):
+    """The plane around each test image (landscape.py; metrics.landscape: statistics, figures.landscape: contours).
+    Kept here, not in landscape.py: every stage imports config, and training must not depend on the landscape code."""
+
+    grid: int = Field(51, ge=3)
+    radius: Fraction = Field(1.74, gt=0.0, description="L2 radius of the plane; 8/255*sqrt(3072) ~ 1.74")
+    n_images: int = Field(4, ge=1)
 
 
 class MetricsConfig(Strict):

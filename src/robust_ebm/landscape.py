@@ -16,21 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from pydantic import Field
 
 from .energy import joint_energy, marginal_energy
-from .schema_types import Fraction, Strict
 
 KINDS = ("E_xy", "E_x")
 STATISTICS = ("mean_abs_delta", "mean_energy", "centre_energy", "centre_rank")
-
-
-class LandscapeConfig(Strict):
-    """The plane around each test image (metrics.landscape: statistics; figures.landscape: contours)."""
-
-    grid: int = Field(51, ge=3)
-    radius: Fraction = Field(1.74, gt=0.0, description="L2 radius of the plane; 8/255*sqrt(3072) ~ 1.74")
-    n_images: int = Field(4, ge=1)
 
 
 def random_directions(shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
