@@ -10,7 +10,10 @@ values.
 
 A section's schema lives beside its algorithm (OptimConfig in optim.py, SamplerConfig in
 sampling.py, AttackConfig in attacks.py, DatasetConfig in data.py, a method's `params` in its
-methods/ file, ...); this module imports them and none of them imports it.
+methods/ file, ...); this module imports them and none of them imports it. The schemas of the
+training loop, evaluation, generation, metrics, landscape and figures stay here: their modules
+import config or are code no training job may depend on (every stage imports this module, and
+plan.code_files makes each module it imports a code dependency of every job).
 
     params = load_params("params.yaml")
     prof = params.profile_config("smoke")          # ProfileConfig (overrides merged)
