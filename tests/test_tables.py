@@ -180,6 +180,10 @@ def test_check_rejects_a_mapping_that_does_not_fit_params(raw, tmp_path, capsys)
     msg = mapping_errors(raw, lambda d: d["generation"]["generators"]["jem_buffer"]["methods"].remove("jem"),
                          tmp_path, capsys)
     assert "generators.jem: its own generator 'jem_buffer' does not run for it" in msg
+    def mini_without_trades(d):  # a profile that narrows a generator's methods must keep each run's own
+        d["profiles"]["mini"]["overrides"]["generation"]["generators"]["jeat_eq16"]["methods"].remove("trades")
+    msg = mapping_errors(raw, mini_without_trades, tmp_path, capsys)
+    assert "generators.trades: its own generator 'jeat_eq16' does not run for it in profile 'mini'" in msg
     def drop_method(d):
         del d["methods"]["noise_8"]
     msg = mapping_errors(raw, drop_method, tmp_path, capsys)

@@ -119,6 +119,15 @@ def mapping_problems(params) -> list[str]:
         if gen in generators and not generators[gen].applies_to(method):
             problems.append(f"generators.{method}: its own generator '{gen}' does not run for it "
                             f"(generation.generators.{gen}.methods); add '{method}' there or map it to another")
+    for profile in params.profiles if DEFAULT_GENERATOR_KEY in _MAPPING.generators else []:
+        generation = params.profile_config(profile).generation  # a profile may narrow `methods` per generator
+        for _, method in params.profile_config(profile).runs:
+            gen = own_generator(method)
+            if gen in generation.generators and not generation.generators[gen].applies_to(method) \
+                    and generators[gen].applies_to(method):
+                problems.append(f"generators.{method}: its own generator '{gen}' does not run for it in profile "
+                                f"'{profile}' (profiles.{profile}.overrides.generation.generators.{gen}.methods); "
+                                f"add '{method}' there")
     sections = {"eval": {"columns": {"clean", *type(params.evaluation).model_fields}},
                 "metrics": {"generators", "inception", *type(params.metrics).model_fields}}
     paths = [(f"metrics.{n}", m.file, m.path) for n, m in _MAPPING.metrics.items() if m.file]
