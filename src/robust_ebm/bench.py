@@ -1,4 +1,4 @@
-"""`robust-ebm bench`: training images/s and peak memory per method, on random data.
+"""`robust-ebm bench`: training images/s, peak memory and model-FLOP utilisation per method, on random data.
 
 One timed unit is the full training step of `train.train_step` (attack or SGLD
 sampling, loss, backward, optimiser step, SAM's second pass), so the number
@@ -7,6 +7,15 @@ is what a training run would see. Peak memory is, on CUDA,
 the CPU the peak resident-set size sampled every 5 ms during the timed steps
 minus the RSS before them (`cpu_rss_delta`: includes allocator caching, so it
 is an upper bound on the tensors' needs).
+
+Model FLOPs (`flops=True`): one extra training step under torch's FLOP formulas (`count_flops`) counts the matmul and convolution FLOPs of the whole step (attack or SGLD, forward, backward, SAM's
+second pass; elementwise ops are not counted, as in the usual MFU definition). MFU = FLOPs per step /
+median step time / the device's dense peak for the step's precision (`PEAK_TFLOPS`; `peak_tflops`
+overrides it; unknown devices and the CPU get none).
+
+`sgld_precision_check`: the same SGLD chains (same start, same noise) in fp32, TF32 and bf16 autocast;
+the samples' energies, all measured by the model in fp32, must have the same mean and std within `tol`
+times the fp32 std, else the verdict is to keep fp32 for sampling.
 """
 
 from __future__ import annotations
@@ -23,7 +32,57 @@ from . import data
 from .methods import Batch
 from .models import architecture_name
 from .runtime import pick_device
-from .train import build_parts, resolve_precision, train_step
+from .train import autocast, build_parts, configure_backends, resolve_precision, train_step
+
+# Dense (no sparsity) peak TFLOP/s per precision of the stage's arithmetic. Source: NVIDIA's H100 Tensor
+# Core GPU datasheet (SXM5: BF16 989.4, TF32 494.7, FP32 66.9; PCIe: 756.5, 378, 51.2; the datasheet's
+# 1,979 / 989 are with 2:4 sparsity) and H200 datasheet (same compute as H100 SXM). 'fp32' means TF32 off
+# (configure_backends), so its peak is the non-tensor FP32 rate; 'tf32' and 'bf16' use the tensor cores.
+PEAK_TFLOPS = {
+    "H100 PCIe": {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM5 (nvidia-smi: 'NVIDIA H100 80GB HBM3')
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+}
+PEAK_SOURCE = "NVIDIA H100/H200 datasheets, dense (no sparsity)"
+
+
+def device_peak(device, precision: str) -> tuple[float | None, str | None]:
+    """(peak TFLOP/s, its source) of a CUDA device for 'fp32' | 'tf32' | 'bf16'; (None, None) if unknown."""
+    device = torch.device(device)
+    return peak_for_name(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else (None, None)
+
+
+def peak_for_name(name: str, precision: str) -> tuple[float | None, str | None]:
+    """`PEAK_TFLOPS` row whose words all occur in the device name (first match: specific names come first)."""
+    for key, peaks in PEAK_TFLOPS.items():
+        if all(word in name for word in key.split()) and precision in peaks:
+            return peaks[precision], f"{key} {precision}: {PEAK_SOURCE}"
+    return None, None
+
+
+def count_flops(step) -> int:
+    """Matmul/convolution FLOPs of one call of `step()` (runs the step once).
+
+    torch's own counter formulas (`torch.utils.flop_counter.flop_registry`, those of FlopCounterMode) in a
+    bare dispatch mode: FlopCounterMode's per-module tracking hooks fail under `autograd.grad` on a leaf
+    input, which every attack and SGLD step takes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += int(formula(*args, **kwargs, out_val=out))
+            return out
+
+    with Count() as counter:
+        step()
+    return counter.total
 
 
 def _rss_bytes() -> int | None:
@@ -70,8 +129,10 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps: int, warmup: int,
-                 num_classes: int = 10, image_shape=(3, 32, 32), precision: str = "auto", seed: int = 0) -> dict:
-    """Time `steps` training steps of one method after `warmup` untimed ones; images/s from the median step."""
+                 num_classes: int = 10, image_shape=(3, 32, 32), precision: str = "auto", seed: int = 0,
+                 flops: bool = False, peak_tflops: float | None = None, model_key: str | None = None) -> dict:
+    """Time `steps` training steps of one method after `warmup` untimed ones; images/s from the median step.
+    With `flops`, one more untimed step counts the model FLOPs (module docstring) and MFU is reported."""
     device = pick_device(device) if isinstance(device, str) else device
     data_cfg = method_cfg.data.model_copy(update={"batch_size": batch, "px_batch_size": batch
                                                   if method_cfg.data.px_batch_size is not None else None})
@@ -83,6 +144,7 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
     model, method, optimizer, _ = build_parts(method_cfg, model_cfg, num_classes=num_classes, image_shape=image_shape,
                                               stats=stats, device=device, seed=seed)
     prec = resolve_precision(precision, device, method_cfg.sampler is not None)
+    configure_backends(prec, device, deterministic=False)  # TF32 on for tf32/bf16 only, as the train stage sets it
     model.train()
     b = _random_batch(batch, image_shape, num_classes, device, g, method.needs_px_stream, batch)
 
@@ -91,6 +153,7 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
 
     for _ in range(warmup):
         step()
+    step_flops = count_flops(step) if flops else None
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -107,11 +170,22 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
         peak, kind = torch.cuda.max_memory_allocated(device) - base, "cuda_max_allocated"
     else:
         peak, kind = rss.delta, "cpu_rss_delta"
+    peak_source = "given" if peak_tflops is not None else None
+    if peak_tflops is None and flops:
+        peak_tflops, peak_source = device_peak(device, prec)
+    achieved = None if step_flops is None else step_flops / seconds / 1e12
     return {"method": name, "loss": method_cfg.loss, "images_per_s": batch / seconds,
             "ms_per_step": 1000 * seconds, "ms_per_step_mean": 1000 * statistics.fmean(times),
             "peak_mem_mb": None if peak is None else peak / 2**20,
-            "mem_kind": kind, "device": str(device), "precision": prec, "batch": batch, "steps": steps,
-            "arch": architecture_name(model_cfg)}
+            "mem_kind": kind, "device": str(device), "device_name": _device_name(device), "precision": prec,
+            "batch": batch, "steps": steps, "arch": architecture_name(model_cfg), "model": model_key,
+            "flops_per_step": step_flops, "tflops_per_s": achieved, "peak_tflops": peak_tflops,
+            "peak_source": peak_source,
+            "mfu": None if achieved is None or not peak_tflops else achieved / peak_tflops}
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def run_bench(methods: Mapping, model_cfg, batch: int, device="auto", steps: int = 5, warmup: int = 1, **kw) -> list[dict]:
@@ -125,7 +199,8 @@ def run_bench(methods: Mapping, model_cfg, batch: int, device="auto", steps: int
     device = pick_device(device) if isinstance(device, str) else device
     if methods:
         name, cfg = next(iter(methods.items()))
-        bench_method(name, cfg, model_cfg, batch=batch, device=device, steps=1, warmup=max(warmup, 1), **kw)
+        bench_method(name, cfg, model_cfg, batch=batch, device=device, steps=1, warmup=max(warmup, 1),
+                     **{**kw, "flops": False})
     return [bench_method(name, cfg, model_cfg, batch=batch, device=device, steps=steps, warmup=warmup, **kw)
             for name, cfg in methods.items()]
 
@@ -139,14 +214,135 @@ def format_bench(rows: list[dict]) -> str:
     """A fixed-width table of bench rows (what `robust-ebm bench` prints)."""
     if not rows:
         return "(no methods)"
-    head = f"{'method':<16}{'arch':<16}{'images/s':>10}{'ms/step':>10}{'peak MiB':>10}  {'memory kind':<20} precision"
-    lines = [f"bench on {rows[0]['device']}, batch {rows[0]['batch']}, median of {rows[0]['steps']} timed steps, random data",
-             head, "-" * len(head)]
+    head = (f"{'method':<16}{'arch':<16}{'images/s':>10}{'ms/step':>10}{'peak MiB':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}"
+            f"{'MFU':>7}  {'memory kind':<20} precision")
+    lines = [f"bench on {rows[0]['device']} ({rows[0].get('device_name', '')}), batch {rows[0]['batch']}, median of "
+             f"{rows[0]['steps']} timed steps, random data", head, "-" * len(head)]
+
+    def num(value, fmt, scale=1.0):
+        return "n/a" if value is None else format(value * scale, fmt)
+
     for r in rows:
-        mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        lines.append(f"{r['method']:<16}{r['arch']:<16}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}{mem:>10}  "
+        lines.append(f"{r['method']:<16}{r['arch']:<16}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}"
+                     f"{num(r['peak_mem_mb'], '.0f'):>10}{num(r.get('flops_per_step'), '.1f', 1e-9):>12}"
+                     f"{num(r.get('tflops_per_s'), '.1f'):>9}{num(r.get('mfu'), '.1%'):>7}  "
                      f"{r['mem_kind']:<20} {r['precision']}")
     return "\n".join(lines)
 
 
-__all__ = ["run_bench", "bench_method", "format_bench"]
+# ----------------------------------------------------------------------------- bf16 SGLD check
+
+
+def _energy_stats(e: torch.Tensor) -> dict:
+    e = e.double()
+    return {"mean": e.mean().item(), "std": e.std().item(), "finite": bool(torch.isfinite(e).all())}
+
+
+def sgld_precision_check(model, sampler_cfg, *, n: int, image_shape, num_classes: int, device, seed: int = 0,
+                         steps: int | None = None, tol: float = 0.1,
+                         precisions: tuple[str, ...] = ("tf32", "bf16")) -> dict:
+    """Run the same SGLD/PYLD chains (uniform start, same labels, same noise) in fp32 and in each of
+    `precisions` (autocast bf16 / TF32 matmuls) and compare the sample energies E(x_K) of `sampler_cfg.energy`,
+    all measured by the model in strict fp32. A precision is 'ok' when |mean - mean_fp32| and
+    |std - std_fp32| are both <= tol * std_fp32 (and all finite); otherwise the verdict is 'keep fp32'.
+    Also reported: the mean absolute pixel difference of the samples and the chain's per-step mean energy."""
+    from .sampling import init_uniform, run_sampler, sampler_energy
+
+    device = pick_device(device) if isinstance(device, str) else device
+    cfg = sampler_cfg if steps is None else sampler_cfg.model_copy(update={"steps": steps})
+    g = torch.Generator().manual_seed(seed)
+    x0 = init_uniform(n, image_shape, generator=g).to(device)
+    y = torch.randint(num_classes, (n,), generator=g).to(device)
+    runs = {}
+    for prec in ("fp32", *precisions):
+        configure_backends(prec, device, deterministic=False)
+        noise = torch.Generator(device=device).manual_seed(seed + 1)  # the same noise draws for every precision
+        with autocast(prec, device):
+            x, trace = run_sampler(model, x0, cfg, y=y, generator=noise, return_trace=True)
+        _sync(device)
+        runs[prec] = (x.float(), trace.float())
+    configure_backends("fp32", device, deterministic=False)
+    with torch.no_grad():
+        energies = {p: sampler_energy(model, x, y, cfg.energy).float() for p, (x, _) in runs.items()}
+    ref = _energy_stats(energies["fp32"])
+    scale = ref["std"] if ref["std"] > 0 else float("nan")
+    out = {"energy": cfg.energy, "sampler": cfg.kind, "steps": cfg.steps, "chains": n, "seed": seed, "tol": tol,
+           "start": "uniform", "fp32": {**ref, "trace_mean": runs["fp32"][1].mean(dim=1).tolist()}, "precisions": {}}
+    for prec in precisions:
+        st = _energy_stats(energies[prec])
+        d_mean, d_std = (st["mean"] - ref["mean"]) / scale, (st["std"] - ref["std"]) / scale
+        ok = st["finite"] and ref["finite"] and abs(d_mean) <= tol and abs(d_std) <= tol
+        out["precisions"][prec] = {
+            **st, "delta_mean_in_std": d_mean, "delta_std_in_std": d_std,
+            "mean_abs_pixel_diff": (runs[prec][0] - runs["fp32"][0]).abs().mean().item(),
+            "trace_mean": runs[prec][1].mean(dim=1).tolist(),
+            "verdict": f"{prec} ok" if ok else "keep fp32"}
+    return out
+
+
+# ----------------------------------------------------------------------------- `robust-ebm bench`
+
+
+def bench_groups(profile, names, model: str | None) -> dict[str, dict]:
+    """{models key: {method: MethodConfig}}. `model` puts every method on it, except that a method whose own
+    model is a variant `<model>_*` of it (wrn28_10_jem, wrn28_10_jempp: the JEM family's WRNs) keeps its variant."""
+    groups: dict[str, dict] = {}
+    for name in names:
+        own = profile.methods[name].model
+        key = own if model is None or own.startswith(f"{model}_") else model
+        groups.setdefault(key, {})[name] = profile.methods[name]
+    return groups
+
+
+def bench_profile(profile, names, args) -> dict:
+    """`robust-ebm bench`: every (batch, precision, method), printed as tables; with `args.sgld_check` the
+    SGLD precision check of every sampler method; with `args.json` all of it written to that file."""
+    import platform
+
+    from .runtime import atomic_write_json
+
+    groups = bench_groups(profile, names, args.model)
+    batches = args.batch if isinstance(args.batch, list) else [args.batch]
+    flops, peak = getattr(args, "flops", False), getattr(args, "peak_tflops", None)
+    rows: list[dict] = []
+    for batch in batches:
+        for precision in getattr(args, "precision", None) or ["auto"]:
+            for model_key, methods in groups.items():
+                got = run_bench(methods, profile.models[model_key], batch, device=args.device, steps=args.steps,
+                                warmup=args.warmup, precision=precision, flops=flops, peak_tflops=peak,
+                                model_key=model_key)
+                print(format_bench(got), flush=True)
+                rows += got
+    checks = sgld_checks(profile, groups, args) if getattr(args, "sgld_check", False) else []
+    report = {"profile": profile.name, "rows": rows, "sgld_check": checks, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "python": platform.python_version()}
+    if getattr(args, "json", None):
+        atomic_write_json(args.json, report)
+        print(f"robust-ebm bench: wrote {args.json}")
+    return report
+
+
+def sgld_checks(profile, groups, args) -> list[dict]:
+    """`sgld_precision_check` for every method with a sampler, on fresh weights of its bench architecture."""
+    from .models import build_model
+
+    device, out = pick_device(args.device), []
+    for model_key, methods in groups.items():
+        for name, cfg in methods.items():
+            if cfg.sampler is None:
+                continue
+            torch.manual_seed(args.sgld_seed)
+            model = build_model(profile.models[model_key], num_classes=10, in_channels=3, image_size=32).to(device)
+            res = sgld_precision_check(model, cfg.sampler, n=args.sgld_chains, image_shape=(3, 32, 32), num_classes=10,
+                                       device=device, seed=args.sgld_seed, steps=args.sgld_steps, tol=args.sgld_tol)
+            res |= {"method": name, "model": model_key, "weights": "fresh (random init, seed sgld_seed)"}
+            verdicts = ", ".join(f"{p}: {r['verdict']} (d_mean {r['delta_mean_in_std']:+.3f}, d_std "
+                                 f"{r['delta_std_in_std']:+.3f} fp32 std)" for p, r in res["precisions"].items())
+            print(f"sgld check {name} ({model_key}, {res['sampler']} {res['steps']} steps, {res['chains']} chains, "
+                  f"E fp32 {res['fp32']['mean']:.4f} +- {res['fp32']['std']:.4f}): {verdicts}", flush=True)
+            out.append(res)
+    return out
+
+
+__all__ = ["bench_profile", "bench_groups", "sgld_checks", "run_bench", "bench_method", "format_bench", "count_flops", "device_peak", "peak_for_name", "sgld_precision_check",
+           "PEAK_TFLOPS"]

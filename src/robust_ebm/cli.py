@@ -11,7 +11,8 @@
     robust-ebm claims   --profile P --results results/P --out results/P   (claims.{json,csv,md}, summary.json)
     robust-ebm tables   --profile P --results results/P --out results/P/tables
     robust-ebm digest   --profile P --results results/P --out DIR   small JSON/Markdown of every run, to keep
-    robust-ebm bench    [--model wrn28_10] [--batch 64] [--methods ...] [--device auto]
+    robust-ebm bench    [--model wrn28_10] [--batch 64 128] [--precision fp32 bf16] [--flops] [--sgld-check]
+                        [--methods ...] [--device auto] [--json FILE]
     robust-ebm settings --profile P --out results/P/settings.json   (DVC's settings step)
     robust-ebm adopt-dvc --profile P                    a finished Snakemake run -> dvc.lock
     robust-ebm dvc-yaml [--out dvc.yaml] [--check]
@@ -320,7 +321,7 @@ def cmd_adopt_dvc(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import format_bench, run_bench
+    from .bench import bench_profile
 
     _, profile = _profile_config(args)
     names = args.methods or list(profile.methods)
@@ -330,13 +331,7 @@ def cmd_bench(args) -> None:
 
         raise ConfigError(f"unknown method(s) {unknown} or model '{args.model}'; methods: "
                           f"{sorted(profile.methods)}; models: {sorted(profile.models)}")
-    groups: dict[str, dict] = {}  # one bench per architecture (each method's own, or --model)
-    for name in names:
-        groups.setdefault(args.model or profile.methods[name].model, {})[name] = profile.methods[name]
-    for model_key, methods in groups.items():
-        rows = run_bench(methods, profile.models[model_key], args.batch, device=args.device,
-                         steps=args.steps, warmup=args.warmup)
-        print(format_bench(rows))
+    bench_profile(profile, names, args)
 
 
 def cmd_dvc_yaml(args) -> None:
@@ -438,12 +433,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profile", default=None)
     p.add_argument("--log", default=None)
-    p.add_argument("--model", default=None, help="models key (default: each method's own model)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--model", default=None, help="models key for every method (default: each method's own model); "
+                   "a method whose own model is a variant M_* of it (e.g. wrn28_10_jem) keeps its variant")
+    p.add_argument("--batch", type=int, nargs="+", default=[64], help="one or more batch sizes")
+    p.add_argument("--precision", nargs="+", default=["auto"], choices=["auto", "fp32", "tf32", "bf16"],
+                   help="one or more (auto: the train stage's choice; fp32: TF32 off)")
     p.add_argument("--methods", nargs="+", default=None, help="method keys (default: all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--flops", action="store_true", help="count model FLOPs per step (one extra step) and report MFU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for MFU (default: bench.PEAK_TFLOPS)")
+    p.add_argument("--json", default=None, help="also write every row (and the SGLD check) to this JSON file")
+    p.add_argument("--sgld-check", action="store_true",
+                   help="bf16/TF32 vs fp32 SGLD: same start and noise, compare the sample energies (per sampler method)")
+    p.add_argument("--sgld-chains", type=int, default=128)
+    p.add_argument("--sgld-steps", type=int, default=None, help="default: each method's own sampler steps")
+    p.add_argument("--sgld-tol", type=float, default=0.1, help="allowed |d mean|, |d std| in units of the fp32 std")
+    p.add_argument("--sgld-seed", type=int, default=0)
     p = add("digest", cmd_digest, "the numbers of a profile's runs as small JSON + Markdown, to keep (docs/)")
     p.add_argument("--results", required=True, help="results/<profile>")
     p.add_argument("--out", required=True, help="folder to write (e.g. docs/runs/<profile>-<date>)")
