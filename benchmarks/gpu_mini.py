@@ -294,7 +294,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=8, help="run jobs at once on the one GPU")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads per job (default: cores / jobs)")
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole command, collection included")
-    ap.add_argument("--reserve", type=float, default=60, help="seconds kept for claims, tables and collection")
+    ap.add_argument("--reserve", type=float, default=90, help="seconds kept for claims, tables and collection")
     ap.add_argument("--figures", action="store_true", help="also run the figures stage (slow SSIM search on the CPU)")
     ap.add_argument("--tracking", action="store_true", help="keep MLflow logging on (off by default: no mlflow there)")
     ap.add_argument("--out", default=os.environ.get("OUT") or "results/gpu_run")

@@ -23,9 +23,9 @@ for name in ("pydantic", "pydantic_core", "annotated-types", "typing-inspection"
     print(f"{name}=={version(name)}")
 PYEOF
 )
-"$PY" -m pip install -q --target .gpu/site --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" --implementation cp \
+"$PY" -m pip install -q --target .gpu/site --no-compile --no-deps --only-binary=:all: --python-version "${GPU_PYTHON_VERSION:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 "${PINS[@]}"
-rm -rf .gpu/site/pyautoattack/examples .gpu/site/bin  # 45 MB of example weights: the carry limit is 64 MiB
+rm -rf .gpu/site/pyautoattack/examples .gpu/site/bin .gpu/site/tests  # 45 MB of example weights: the carry limit is 64 MiB
 dirty=false; [ -n "$(git status --porcelain --untracked-files=no)" ] && dirty=true
 printf '{"commit": "%s", "dirty": %s, "prepared_utc": "%s"}\n' "$(git rev-parse HEAD)" "$dirty" \
     "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > .gpu/commit.txt

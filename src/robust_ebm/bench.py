@@ -296,7 +296,8 @@ def bench_groups(profile, names, model: str | None) -> dict[str, dict]:
 
 def bench_profile(profile, names, args) -> dict:
     """`robust-ebm bench`: every (batch, precision, method), printed as tables; with `args.sgld_check` the
-    SGLD precision check of every sampler method; with `args.json` all of it written to that file."""
+    SGLD precision check of every sampler method; with `args.json` all of it written to that file, rewritten
+    after each group (a run stopped by a time limit keeps what it measured)."""
     import platform
 
     from .runtime import atomic_write_json
@@ -304,7 +305,13 @@ def bench_profile(profile, names, args) -> dict:
     groups = bench_groups(profile, names, args.model)
     batches = args.batch if isinstance(args.batch, list) else [args.batch]
     flops, peak = getattr(args, "flops", False), getattr(args, "peak_tflops", None)
-    rows: list[dict] = []
+    report = {"profile": profile.name, "rows": [], "sgld_check": [], "complete": False, "torch": torch.__version__,
+              "cuda": torch.version.cuda, "python": platform.python_version()}
+
+    def save():
+        if getattr(args, "json", None):
+            atomic_write_json(args.json, report)
+
     for batch in batches:
         for precision in getattr(args, "precision", None) or ["auto"]:
             for model_key, methods in groups.items():
@@ -312,17 +319,22 @@ def bench_profile(profile, names, args) -> dict:
                                 warmup=args.warmup, precision=precision, flops=flops, peak_tflops=peak,
                                 model_key=model_key)
                 print(format_bench(got), flush=True)
-                rows += got
-    checks = sgld_checks(profile, groups, args) if getattr(args, "sgld_check", False) else []
-    report = {"profile": profile.name, "rows": rows, "sgld_check": checks, "torch": torch.__version__,
-              "cuda": torch.version.cuda, "python": platform.python_version()}
+                report["rows"] += got
+                save()
+    if getattr(args, "sgld_check", False):
+        def partial(checks):
+            report["sgld_check"] = checks
+            save()
+
+        report["sgld_check"] = sgld_checks(profile, groups, args, on_result=partial)
+    report["complete"] = True
+    save()
     if getattr(args, "json", None):
-        atomic_write_json(args.json, report)
         print(f"robust-ebm bench: wrote {args.json}")
     return report
 
 
-def sgld_checks(profile, groups, args) -> list[dict]:
+def sgld_checks(profile, groups, args, on_result=None) -> list[dict]:
     """`sgld_precision_check` for every method with a sampler, on fresh weights of its bench architecture."""
     from .models import build_model
 
@@ -341,6 +353,8 @@ def sgld_checks(profile, groups, args) -> list[dict]:
             print(f"sgld check {name} ({model_key}, {res['sampler']} {res['steps']} steps, {res['chains']} chains, "
                   f"E fp32 {res['fp32']['mean']:.4f} +- {res['fp32']['std']:.4f}): {verdicts}", flush=True)
             out.append(res)
+            if on_result is not None:
+                on_result(out)
     return out
 
 
