@@ -232,6 +232,40 @@ def gpu_info() -> dict:
     return info
 
 
+class GpuSampler:
+    """`nvidia-smi` sampled every `every` seconds into a CSV during the run (utilisation and memory), summarised
+    in run.json: how busy the jobs kept the GPU, the number to tune --jobs by. Nothing where there is no nvidia-smi."""
+
+    FIELDS = "timestamp,utilization.gpu,memory.used"
+
+    def __init__(self, path: Path, every: int = 2):
+        self.path, self.proc = path, None
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            self.file = open(path, "w")
+            self.proc = subprocess.Popen([smi, f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits",
+                                          "-l", str(every)], stdout=self.file, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> dict | None:
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        self.proc.wait()
+        self.file.close()
+        util, mem = [], []
+        for line in self.path.read_text().splitlines():
+            parts = [x.strip() for x in line.split(",")]
+            try:
+                util.append(float(parts[1]))
+                mem.append(float(parts[2]))
+            except (IndexError, ValueError):
+                continue
+        if not util:
+            return {"samples": 0}
+        return {"samples": len(util), "utilization_gpu_mean_pct": sum(util) / len(util),
+                "utilization_gpu_max_pct": max(util), "memory_used_max_mib": max(mem), "csv": self.path.name}
+
+
 def commit_info() -> dict:
     """The commit: from git where .git travelled, else from .gpu/commit.txt (written by gpu_prepare.sh)."""
     r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -329,8 +363,11 @@ def main() -> int:
     gpu = gpu_info()
     say(f"device: {gpu['device'] or 'no CUDA GPU (CPU run)'}; torch {gpu['torch']}")
 
+    sampler = GpuSampler(logs / "gpu_util.csv")
     runner = Runner(tasks, jobs=a.jobs, env=env, logs=logs, t0=t0, say=say)
     runner.run(stop_at=a.budget - a.reserve)
+    gpu["utilization"] = sampler.stop()
+    say(f"GPU use during the run jobs: {gpu['utilization']}")
     profile_stages = []
     for stage in (["figures"] if a.figures else []) + ["claims", "tables"]:
         left = a.budget - 10 - runner.now()

@@ -127,8 +127,21 @@ def test_cli_bench_writes_every_batch_and_precision_and_the_sgld_check(tmp_path,
                            json=str(out), sgld_check=True, sgld_chains=4, sgld_steps=2, sgld_tol=0.1, sgld_seed=0)
     cmd_bench(args)
     report = json.loads(out.read_text())
+    assert report["complete"] is True
     got = sorted((r["method"], r["batch"], r["precision"]) for r in report["rows"])
     assert got == sorted((m, b, p) for m in ("standard", "jem") for b in (4, 8) for p in ("fp32", "bf16"))
     assert all(r["flops_per_step"] > 0 for r in report["rows"])
     assert [c["method"] for c in report["sgld_check"]] == ["jem"] and report["sgld_check"][0]["steps"] == 2
     assert "sgld check jem" in capsys.readouterr().out
+
+
+def test_sgld_checks_run_one_chain_set_per_sampler_and_architecture():
+    from robust_ebm.bench import sgld_checks
+
+    profile = SimpleNamespace(models={"tiny": TINY})
+    jem = method("jem", sampler={"steps": 2})
+    other = method("jem", sampler={"steps": 2, "step_size": 0.5})
+    args = SimpleNamespace(device="cpu", sgld_seed=0, sgld_chains=4, sgld_steps=None, sgld_tol=0.1)
+    a, b, c = sgld_checks(profile, {"tiny": {"a": jem, "b": jem, "c": other, "d": method("standard")}}, args)
+    assert (a["method"], b["method"], b["same_as"], c["method"]) == ("a", "b", "a", "c") and "same_as" not in c
+    assert b["precisions"] == a["precisions"] and c["fp32"]["mean"] != a["fp32"]["mean"]

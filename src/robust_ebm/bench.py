@@ -295,9 +295,9 @@ def bench_groups(profile, names, model: str | None) -> dict[str, dict]:
 
 
 def bench_profile(profile, names, args) -> dict:
-    """`robust-ebm bench`: every (batch, precision, method), printed as tables; with `args.sgld_check` the
-    SGLD precision check of every sampler method; with `args.json` all of it written to that file, rewritten
-    after each group (a run stopped by a time limit keeps what it measured)."""
+    """`robust-ebm bench`: with `args.sgld_check` first the SGLD precision check of every sampler method, then
+    every (batch, precision, method), printed as tables; with `args.json` all of it written to that file,
+    rewritten after each part (a run stopped by a time limit keeps what it measured; `complete` says if not)."""
     import platform
 
     from .runtime import atomic_write_json
@@ -312,6 +312,12 @@ def bench_profile(profile, names, args) -> dict:
         if getattr(args, "json", None):
             atomic_write_json(args.json, report)
 
+    if getattr(args, "sgld_check", False):  # first: short, and it decides a setting
+        def partial(checks):
+            report["sgld_check"] = checks
+            save()
+
+        report["sgld_check"] = sgld_checks(profile, groups, args, on_result=partial)
     for batch in batches:
         for precision in getattr(args, "precision", None) or ["auto"]:
             for model_key, methods in groups.items():
@@ -321,12 +327,6 @@ def bench_profile(profile, names, args) -> dict:
                 print(format_bench(got), flush=True)
                 report["rows"] += got
                 save()
-    if getattr(args, "sgld_check", False):
-        def partial(checks):
-            report["sgld_check"] = checks
-            save()
-
-        report["sgld_check"] = sgld_checks(profile, groups, args, on_result=partial)
     report["complete"] = True
     save()
     if getattr(args, "json", None):
@@ -338,16 +338,22 @@ def sgld_checks(profile, groups, args, on_result=None) -> list[dict]:
     """`sgld_precision_check` for every method with a sampler, on fresh weights of its bench architecture."""
     from .models import build_model
 
-    device, out = pick_device(args.device), []
+    device, out, done = pick_device(args.device), [], {}
     for model_key, methods in groups.items():
         for name, cfg in methods.items():
             if cfg.sampler is None:
+                continue
+            key = (model_key, cfg.sampler.model_dump_json())
+            if key in done:  # the same sampler on the same architecture: the same chains, run once
+                out.append({**done[key], "method": name, "same_as": done[key]["method"]})
+                print(f"sgld check {name}: the same sampler and model as {done[key]['method']}", flush=True)
                 continue
             torch.manual_seed(args.sgld_seed)
             model = build_model(profile.models[model_key], num_classes=10, in_channels=3, image_size=32).to(device)
             res = sgld_precision_check(model, cfg.sampler, n=args.sgld_chains, image_shape=(3, 32, 32), num_classes=10,
                                        device=device, seed=args.sgld_seed, steps=args.sgld_steps, tol=args.sgld_tol)
             res |= {"method": name, "model": model_key, "weights": "fresh (random init, seed sgld_seed)"}
+            done[key] = res
             verdicts = ", ".join(f"{p}: {r['verdict']} (d_mean {r['delta_mean_in_std']:+.3f}, d_std "
                                  f"{r['delta_std_in_std']:+.3f} fp32 std)" for p, r in res["precisions"].items())
             print(f"sgld check {name} ({model_key}, {res['sampler']} {res['steps']} steps, {res['chains']} chains, "
