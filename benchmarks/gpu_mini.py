@@ -16,7 +16,8 @@ at the guard, not started, skipped after a failed input, existing) and seconds.
 Collected (JSON, Markdown, CSV, LaTeX and logs; no models, samples or .npz) into
 `results/gpu_run/<folder>/`, then packed as `<out>/<folder>.tar.gz` (the device tool returns at most
 8 files); run.json, claims.md, summary.json and driver.log are also copied beside the archive. A job whose outputs already exist is not rerun
-(`existing`), so a second call on the same warm machine continues where the first stopped.
+(`existing`: its outputs are there and the driver saw it exit 0), so a second call on the same warm
+machine continues where the first stopped.
 
     PYTHONPATH=src python benchmarks/gpu_mini.py --profile mini --out "$OUT"            # on the GPU machine
     PYTHONPATH=src python benchmarks/gpu_mini.py --profile smoke --methods standard pgd_at --jobs 2 \
@@ -138,9 +139,15 @@ class Runner:
                 continue
             t.rc, t.seconds = rc, self.now() - t.start
             t.status = t.status if t.status == "killed" else ("ok" if rc == 0 else "failed")
+            if t.status == "ok":
+                self.marker(t).touch()
             self.say(f"{t.status:<6} {t.name} ({t.seconds:.0f} s, rc {rc})")
             if t.status == "failed":
                 self.say("       " + tail(t.out_file, 6).replace("\n", "\n       "))
+
+    def marker(self, t: Task) -> Path:
+        """Written when a job exits 0: a folder output (samples) can hold a partial stage JSON after a kill."""
+        return self.logs / f"{t.job.name}.{t.job.stage}.ok"
 
     def running(self) -> list[Task]:
         return [t for t in self.tasks if t.status == "running"]
@@ -158,8 +165,8 @@ class Runner:
         return out
 
     def run(self, stop_at: float) -> None:
-        for t in self.tasks:  # outputs from an earlier call on the same machine
-            if all((ROOT / o).exists() for o in t.job.outputs):
+        for t in self.tasks:  # finished in an earlier call on the same machine
+            if self.marker(t).exists() and all((ROOT / o).exists() for o in t.job.outputs):
                 t.status = "existing"
         while self.now() < stop_at:
             self.reap()
