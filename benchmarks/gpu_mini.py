@@ -3,7 +3,8 @@
 Runs the profile's jobs from `robust_ebm.plan` (the same commands, byte for byte, as the Snakefile
 and dvc.yaml) without Snakemake, which the GPU machine does not have: data, then per method
 train -> evaluate, generate -> metrics, with `--jobs` run jobs sharing the GPU at once, then
-claims and tables (figures with `--figures`: their SSIM search runs on the CPU). A ready job is
+claims and tables (figures with `--figures`: their SSIM search runs on the CPU), then `robust-ebm
+digest` where the package has it (into `digest/`). A ready job is
 started in method order (`--methods`, default `PRIORITY`), the reference classifier's training
 first since every metrics job needs it; so the methods that matter most finish first.
 
@@ -205,21 +206,24 @@ def tail(path: Path | None, n: int) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def run_profile_stage(plan: Plan, stage: str, env: dict, logs: Path, say, timeout: float) -> dict:
-    job = next(j for j in plan.jobs if j.stage == stage)
-    out = logs / f"{job.name}.{stage}.out"
+def run_profile_stage(plan: Plan, stage: str, env: dict, logs: Path, say, timeout: float, command: str | None = None,
+                      ) -> dict:
+    """One profile-wide stage (figures, claims, tables: the plan's command; or `command`), within `timeout`."""
+    job = next((j for j in plan.jobs if j.stage == stage), None)
+    name = job.name if job else plan.profile
+    out = logs / f"{name}.{stage}.out"
     t = time.monotonic()
     say(f"start  {stage}")
     try:
         with open(out, "w") as f:
-            rc = subprocess.run(argv(job.command), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+            rc = subprocess.run(argv(command or job.command), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 timeout=max(timeout, 1)).returncode
         status = "ok" if rc == 0 else "failed"
     except subprocess.TimeoutExpired:
         rc, status = None, "killed"
     seconds = time.monotonic() - t
     say(f"{status:<6} {stage} ({seconds:.0f} s)" + ("" if status == "ok" else "\n" + tail(out, 6)))
-    return {"stage": stage, "job": job.name, "status": status, "rc": rc, "seconds": round(seconds, 2)}
+    return {"stage": stage, "job": name, "status": status, "rc": rc, "seconds": round(seconds, 2)}
 
 
 def gpu_info() -> dict:
@@ -309,6 +313,9 @@ def collect(plan: Plan, tasks: list[Task], profile_stages: list[dict], record: d
                     copy(f, folder / rel / f.relative_to(src))
             elif src.suffix == ".json":
                 copy(src, folder / rel)
+    digest = folder.with_name(folder.name + ".digest")
+    if digest.is_dir():
+        shutil.copytree(digest, folder / "digest")
     for name in ("claims.json", "claims.md", "claims.csv", "summary.json"):
         copy(results / name, folder / name)
     for d in ("tables", "figures"):
@@ -382,6 +389,12 @@ def main() -> int:
             profile_stages.append({"stage": stage, "status": "not started", "reason": "budget"})
             continue
         profile_stages.append(run_profile_stage(plan, stage, env, logs, say, timeout=left))
+    if (ROOT / "src" / "robust_ebm" / "digest.py").exists():  # `robust-ebm digest`: the runs' numbers, to keep
+        shutil.rmtree(folder.with_name(folder.name + ".digest"), ignore_errors=True)
+        digest = (f"robust-ebm digest --params {a.params} --profile {a.profile} --results {plan.results}/{a.profile} "
+                  f"--out {folder.relative_to(ROOT)}.digest")
+        profile_stages.append(run_profile_stage(plan, "digest", env, logs, say, command=digest,
+                                                timeout=a.budget - 5 - runner.now()))
 
     statuses = {}
     for t in tasks:
