@@ -128,8 +128,8 @@ class Runner:
         t.out_file = self.logs / f"{t.job.name}.{t.job.stage}.out"
         t.out_file.parent.mkdir(parents=True, exist_ok=True)
         with open(t.out_file, "w") as f:
-            t.proc = subprocess.Popen(argv(t.job.command), cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
+            # the driver's own process group: whatever ends the driver's command (the device tool's limit) ends them too
+            t.proc = subprocess.Popen(argv(t.job.command), cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT)
         t.status, t.start = "running", self.now()
         self.say(f"start  {t.name}")
 
@@ -185,14 +185,14 @@ class Runner:
         for t in late:
             t.status = "killed"
             self.say(f"guard: SIGTERM {t.name}")
-            os.killpg(t.proc.pid, signal.SIGTERM)
+            t.proc.terminate()
         deadline = time.monotonic() + GRACE_S
         while any(t.proc.poll() is None for t in late) and time.monotonic() < deadline:
             time.sleep(0.5)
         for t in late:
             if t.proc.poll() is None:
                 self.say(f"guard: SIGKILL {t.name}")
-                os.killpg(t.proc.pid, signal.SIGKILL)
+                t.proc.kill()
             t.rc, t.seconds = t.proc.wait(), self.now() - t.start
             self.say(f"killed {t.name} ({t.seconds:.0f} s, rc {t.rc})")
         for t in self.tasks:
@@ -333,6 +333,10 @@ def collect(plan: Plan, tasks: list[Task], profile_stages: list[dict], record: d
     (folder / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -379,17 +383,25 @@ def main() -> int:
 
     sampler = GpuSampler(logs / "gpu_util.csv")
     runner = Runner(tasks, jobs=a.jobs, env=env, logs=logs, t0=t0, say=say)
-    runner.run(stop_at=a.budget - a.reserve)
+    signal.signal(signal.SIGTERM, _interrupt)
+    interrupted = False
+    try:
+        runner.run(stop_at=a.budget - a.reserve)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop the jobs as the guard does, collect at once
+        interrupted = True
+        say("interrupted: stopping the running jobs; no claims or tables")
+        runner.stop()
     gpu["utilization"] = sampler.stop()
     say(f"GPU use during the run jobs: {gpu['utilization']}")
     profile_stages = []
     for stage in (["figures"] if a.figures else []) + ["claims", "tables"]:
         left = a.budget - 10 - runner.now()
-        if stage == "figures" and left < a.reserve:
-            profile_stages.append({"stage": stage, "status": "not started", "reason": "budget"})
+        if interrupted or (stage == "figures" and left < a.reserve):
+            profile_stages.append({"stage": stage, "status": "not started",
+                                   "reason": "interrupted" if interrupted else "budget"})
             continue
         profile_stages.append(run_profile_stage(plan, stage, env, logs, say, timeout=left))
-    if (ROOT / "src" / "robust_ebm" / "digest.py").exists():  # `robust-ebm digest`: the runs' numbers, to keep
+    if not interrupted and (ROOT / "src" / "robust_ebm" / "digest.py").exists():  # the runs' numbers, to keep
         shutil.rmtree(folder.with_name(folder.name + ".digest"), ignore_errors=True)
         digest = (f"robust-ebm digest --params {a.params} --profile {a.profile} --results {plan.results}/{a.profile} "
                   f"--out {folder.relative_to(ROOT)}.digest")
