@@ -12,3 +12,9 @@ set -o pipefail
 timeout "${BENCH_TIMEOUT:-270}" "$PY" -m robust_ebm bench --profile paper --model wrn28_10 --batch 64 128 --precision bf16 fp32 --flops \
     --steps 3 --warmup 0 --device cuda --sgld-check --json "$OUT/bench_wrn28_10.json" "$@" 2>&1 \
     | grep --line-buffered -v "class statistics" | tee "$OUT/bench_wrn28_10.log"
+rc=$?
+if [ "$rc" = 124 ]; then  # the device tool would read 124 as its own time limit
+    echo "gpu_bench: stopped after BENCH_TIMEOUT=${BENCH_TIMEOUT:-270} s; the JSON has what was measured (complete: false)"
+    exit 3
+fi
+exit "$rc"
