@@ -212,3 +212,32 @@ def test_job_runtime_is_the_profiles_setting_and_reruns_nothing():
     assert (smoke.resources("train")["runtime"], smoke.resources("tables")["runtime"]) == (7, 3)
     assert Plan(params, "renamed").resources("train")["runtime"] == original.profiles["mini"].runtime.train
     assert smoke.settings_file() == Plan(original, "smoke").settings_file()
+
+
+def test_path_helpers_fill_the_plans_patterns(params):
+    from robust_ebm.plan import beside, file_path, profile_path
+
+    plan = Plan(params, "smoke")
+    w = {"profile": "smoke", "dataset": "digits", "method": "jem", "seed": 0}
+    v = plan.values("evaluate", w)
+    root = f"{plan.results}/smoke"
+    for key in ("data", "model", "dynamics", "eval", "eval_energies", "samples", "metrics_energies"):
+        assert str(profile_path(key, root, **{k: w[k] for k in ("dataset", "method", "seed")})) == v[key], key
+    assert str(profile_path("claims_json", root)) == v["claims_json"]
+    assert str(beside(v["eval"], "eval", "eval_energies")) == v["eval_energies"]
+    assert str(beside(v["metrics"], "metrics", "metrics_energies")) == v["metrics_energies"]
+    assert str(beside(v["model_dir"], "model_dir", "model")) == v["model"]
+    assert str(beside("/elsewhere/mine.json", "eval", "eval_energies")) == "/elsewhere/mine.energies.npz"
+    assert str(file_path("eval", results=plan.results + "/", **w)) == v["eval"]
+    with pytest.raises(ValueError, match="no 'eval' file beside"):
+        beside(v["model"], "model", "eval")
+    with pytest.raises(KeyError, match="needs more fields"):
+        profile_path("eval", root, dataset="digits")
+
+
+def test_figures_and_tables_declare_the_data_folders_they_read(params):
+    plan = Plan(params, "smoke")
+    for stage in ("figures", "tables"):
+        inputs = plan.job(stage, profile="smoke").inputs
+        for d in plan.datasets:
+            assert plan.values("data", {"profile": "smoke", "dataset": d})["data"] in inputs, (stage, d)

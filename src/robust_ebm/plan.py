@@ -22,6 +22,10 @@ method (params `metrics.refclf.method`) on the same data set and seed. When a
 profile's runs lack it, the plan adds its train job only (a "reference"
 run: trained, not evaluated, not in the tables).
 
+Paths. Every stage finds the files it reads and writes through PATTERNS: `profile_path` (a file in the
+results/P folder the profile stages are given), `beside` (a file of the same job, e.g. the energies npz
+beside --out s0.json), `file_path` (any pattern, every field given).
+
 Code inputs. A job also depends on every package file its `robust-ebm <stage>`
 command can import (`stage_modules`: the static import closure from cli.py's
 `cmd_<stage>`, lazy imports included), listed file by file in both the
@@ -73,7 +77,12 @@ PATTERNS = {
     "tables": "{results}/{profile}/tables",
     "summary": "{results}/{profile}/summary.json",
     "settings": "{results}/{profile}/settings.json",
+    # not files of the DAG: train's replay buffer (JEM-family methods only; generate reads it when present,
+    # through model.pt's meta, undeclared) and metrics' cache of Inception reference statistics
+    "replay_buffer": "{results}/{profile}/models/{dataset}/{method}/s{seed}/replay_buffer.pt",
+    "inception_cache": "{results}/{profile}/cache/inception",
 }
+PROFILE_DIR = "{results}/{profile}"  # every pattern lies under it: the --results folder of figures, claims, tables
 LOGS = {
     "data": "logs/{profile}/data/{dataset}.log",
     **{s: f"logs/{{profile}}/{s}/{{dataset}}-{{method}}-s{{seed}}.log" for s in RUN_STAGES},
@@ -283,6 +292,43 @@ def _fill(template: str, values: dict[str, Any]) -> str:
     return template.format_map(Keep(values))
 
 
+def _filled(key: str, values: dict[str, Any], pattern: str | None = None) -> str:
+    text = _fill(PATTERNS[key] if pattern is None else pattern, values)
+    if "{" in text:
+        raise KeyError(f"path pattern '{key}' ({PATTERNS[key]}) needs more fields than {sorted(values)}")
+    return text
+
+
+def file_path(key: str, **values: Any) -> Path:
+    """PATTERNS[key] filled with `values` (results, profile and the job's wildcards), e.g.
+    file_path("inception_cache", results="results", profile="smoke")."""
+    if "results" in values:
+        values["results"] = str(values["results"]).rstrip("/")
+    return Path(_filled(key, values))
+
+
+def profile_path(key: str, profile_dir: str | Path, **wildcards: Any) -> Path:
+    """PATTERNS[key] inside one profile's results folder `profile_dir` (results/P, what figures, claims and
+    tables are given as --results), e.g. profile_path("eval", d, dataset="digits", method="jem", seed=0)."""
+    prefix = PROFILE_DIR + "/"
+    if not PATTERNS[key].startswith(prefix):
+        raise ValueError(f"path pattern '{key}' ({PATTERNS[key]}) is not under {PROFILE_DIR}")
+    return Path(profile_dir) / _filled(key, wildcards, PATTERNS[key][len(prefix):])
+
+
+def beside(path: str | Path, key: str, other: str) -> Path:
+    """The file of pattern `other` that belongs with `path`, a file of pattern `key` of the same job: the two
+    patterns share everything up to their last wildcard, e.g. beside(".../s0.json", "eval", "eval_energies")
+    -> ".../s0.energies.npz", beside(out_dir, "model_dir", "model") -> out_dir/model.pt."""
+    a, b = PATTERNS[key], PATTERNS[other]
+    cut = a.rfind("}") + 1
+    tail = a[cut:]
+    text = str(Path(path))
+    if not b.startswith(a[:cut]) or "{" in b[cut:] or not text.endswith(tail):
+        raise ValueError(f"{path} as a '{key}' file ({a}) has no '{other}' file beside it ({b})")
+    return Path(text[: len(text) - len(tail)] + b[cut:])
+
+
 def job_name(stage: str, wildcards: dict[str, Any]) -> str:
     """DVC foreach key and log name: 'smoke-digits-jem-s0', 'smoke-digits', 'smoke'."""
     w = wildcards
@@ -406,7 +452,8 @@ class Plan:
 
     def fan_in(self, stage: str) -> tuple[str, ...]:
         """Inputs of the profile-wide stages: explicit file lists, never a glob."""
-        files: list[str] = []
+        files: list[str] = [self.values(stage, {"profile": self.profile, "dataset": d})["data"]
+                            for d in self.datasets] if stage in ("figures", "tables") else []  # test images, data.json
         if stage == "claims":  # the numbers: evaluate and metrics outputs of every run (DVC: their folders)
             for d, m, s in self.runs:
                 v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
@@ -551,7 +598,7 @@ def _dvc_stage(stage: str, items, template: dict[str, str], plan: "Plan") -> dic
         if stage == "claims":
             deps = [f"{root}/{d}" for d in ("eval", "metrics")]
         else:
-            deps = [f"{root}/{d}" for d in ("models", "eval", "metrics")]
+            deps = [f"{root}/{d}" for d in ("data", "models", "eval", "metrics")]
             deps += [f"{root}/samples"] if stage == "figures" else [f"{root}/figures", f"{root}/claims.json"]
     else:
         keys = [k for k in INPUTS[stage] if not (k == "refclf" and plan.refclf_method is None)]
