@@ -376,3 +376,16 @@ def test_stage_scores_replay_buffers_with_the_papers_top_confident_protocol(run_
     (d / "samples" / "generate.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="no logits"):
         call_stage(run, d)
+
+
+def test_a_bare_state_dict_that_evaluate_accepts_is_scored_like_the_models_own_file(run_files, offline):
+    """metrics reads --model as evaluate does (models.load_for_run): a state_dict with DataParallel prefixes and
+    no metadata takes the run's architecture and gives the numbers of the same weights in a train-stage file."""
+    run, d = run_files
+    weights = tiny_classifier(0).state_dict()
+    torch.save({"model": {f"module.{k}": v for k, v in weights.items()}}, d / "theirs.pt")
+    own = call_stage(run, d)
+    theirs = metrics_stage(run, d / "data", d / "theirs.pt", d / "samples", d / "refclf.pt", d / "eval.json",
+                           d / "out" / "theirs.json")
+    assert theirs["fisher"] == own["fisher"] and theirs["energy"] == own["energy"]
+    assert theirs["generators"]["sgld"]["refclf"] == own["generators"]["sgld"]["refclf"]

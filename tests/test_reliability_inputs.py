@@ -519,13 +519,13 @@ def test_check_lists_data_weights_and_device_and_what_is_missing(tmp_path, capsy
 
 
 def test_truncated_npz_read_by_figures_is_refused(tmp_path):
-    from robust_ebm import figures
+    from robust_ebm import energies_file, figures
 
     path = tmp_path / "s0.energies.npz"
     np.savez(path, clean_marginal=np.zeros(100), clean_joint=np.zeros(100))
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(BadFileError, match=r"s0.energies.npz cannot be read.*rerun the stage that wrote it"):
-        figures._energy_sets(path)
+        energies_file.read_sets(path, fix=figures.ENERGIES_FIX)
 
 
 def test_no_config_class_declares_a_field_twice():

@@ -40,9 +40,9 @@ fraction_perturbed, max_perturbation_linf and seconds; status "diagnostic", or
 "skipped: <reason>" when the model has too few classes (APGD-DLR needs 3, APGD-T 4).
 Only the points classified correctly are attacked, so accuracy <= clean_accuracy.
 
-Outputs: `<out>.json` (one entry per column with n, accuracy, eps_pixel,
+Outputs (paths: plan.PATTERNS "eval", "eval_energies"): `<out>.json` (one entry per column with n, accuracy, eps_pixel,
 step_pixel, steps, objective, protocol, status; "histogram_attacks" as above) and
-`<out>.energies.npz` with per-example `labels`, `<name>_marginal` = E(x),
+`<out>.energies.npz` (format: robust_ebm.energies_file) with per-example `labels`, `<name>_marginal` = E(x),
 `<name>_joint` = E(x,y) and `<name>_correct` for clean, every column that returns
 its adversarial images, and every histogram attack that ran (the energy histograms
 and gaps of papers.md §3.8). A column or attack on the first n images has arrays
@@ -51,7 +51,6 @@ of length n, aligned with the first n entries of `clean_*` and `labels`.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from pathlib import Path
@@ -60,17 +59,17 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from . import energies_file, plan
 from .attacks import AttackConfig, describe, perturb
 from .autoattack import run_autoattack
 from .data import load_prepared
-from .energy import joint_energy, marginal_energy
 from .histogram_attacks import DIAGNOSTIC as HIST_DIAGNOSTIC
 from .histogram_attacks import ComponentUnavailable, build_component
+from .inference import evaluate_inputs
 from .model_sources import is_model_available
 from .models import load_for_run
-from .runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
+from .runtime import atomic_write_json, note_fallback, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
 DETERMINISTIC = "not applicable: deterministic model"
@@ -114,37 +113,6 @@ class ExpectedLogSoftmax(nn.Module):
 
 def _device_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
-
-
-def evaluate_inputs(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    batch_size: int,
-    device: torch.device,
-    transform: Callable[[Tensor, Tensor], Tensor] | None = None,
-    predict: Callable[[Tensor], Tensor] | None = None,
-    desc: str = "clean",
-) -> dict[str, Tensor]:
-    """One batched pass: x -> transform(x, y) (an attack, or identity), then energies and decisions.
-
-    Returns CPU tensors `correct` (bool), `marginal` E(x'), `joint` E(x',y) and
-    `linf` = max |x' - x| per example. `predict` overrides argmax f(x') (EOT).
-    """
-    out: dict[str, list[Tensor]] = {"correct": [], "marginal": [], "joint": [], "linf": []}
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, unit="batch", leave=False):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
-        xa = transform(xb, yb) if transform is not None else xb
-        with torch.no_grad():
-            logits = model(xa)
-            pred = predict(xa) if predict is not None else logits.argmax(1)
-        out["correct"].append((pred == yb).cpu())
-        out["marginal"].append(marginal_energy(logits).float().cpu())
-        out["joint"].append(joint_energy(logits, yb).float().cpu())
-        out["linf"].append((xa - xb).abs().flatten(1).amax(1).cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def describe_attack(name: str, cfg: AttackConfig) -> str:
@@ -206,10 +174,8 @@ def _check_budget(name: str, cfg: AttackConfig, linf: Tensor) -> float:
 
 
 def _keep(energies: dict[str, np.ndarray], name: str, res: dict[str, Tensor]) -> float:
-    """Store `<name>_marginal`, `<name>_joint`, `<name>_correct` for the npz; return the accuracy."""
-    energies[f"{name}_marginal"] = res["marginal"].numpy()
-    energies[f"{name}_joint"] = res["joint"].numpy()
-    energies[f"{name}_correct"] = res["correct"].numpy()
+    """Store the energies and decisions of set `name` for the npz (energies_file.entries); return the accuracy."""
+    energies.update(energies_file.entries(name, res["marginal"], res["joint"], correct=res["correct"]))
     return float(res["correct"].float().mean()) if len(res["correct"]) else float("nan")
 
 
@@ -279,10 +245,7 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None, source=Non
     columns["eot"] = _eot_column(model, x, y, ev, noise_std, run.seed, device, energies)
     diagnostics = _histogram_attacks(model, x, y, clean["correct"], ev, device, energies, fallbacks)
 
-    energies_path = out_path.with_suffix(".energies.npz")
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **energies)
-    atomic_write_bytes(energies_path, buffer.getvalue())
+    energies_path = energies_file.write(plan.beside(out_path, "eval", "eval_energies"), energies)
     result = {
         "model_path": str(model_path),
         "model_source": {k: meta[k] for k in MODEL_SOURCE_KEYS if k in meta},
@@ -328,8 +291,8 @@ def _autoattack_column(model, x, y, ev, device, energies, fallbacks=None) -> dic
     out = run_autoattack(model, x[:n], y[:n], eps=aa.eps, norm=aa.norm, version=aa.version,
                          batch_size=aa.batch_size, seed=aa.seed, device=device, return_adv=True)
     res = evaluate_inputs(model, out.pop("x_adv"), y[:n], batch_size=ev.batch_size, device=device, desc="autoattack energies")
-    energies["autoattack_marginal"], energies["autoattack_joint"] = res["marginal"].numpy(), res["joint"].numpy()
-    energies["autoattack_correct"] = np.asarray(out.pop("per_example_robust"), dtype=bool)
+    energies.update(energies_file.entries("autoattack", res["marginal"], res["joint"],
+                                          correct=np.asarray(out.pop("per_example_robust"), dtype=bool)))
     protocol = (f"official AutoAttack '{aa.version}' (pyautoattack; {', '.join(out['attacks'])}), {aa.norm}, "
                 f"eps {aa.eps * 255:.4g}/255 pixel units, first {n} of the {len(y)} evaluated examples, seed {aa.seed}")
     return {"n": n, "accuracy": out["robust_accuracy"], "eps_pixel": aa.eps, "step_pixel": None, "steps": None,
@@ -351,9 +314,7 @@ def _eot_column(model, x, y, ev, noise_std, seed, device, energies) -> dict:
     attack = lambda xb, yb: perturb(wrapped, xb, yb, cfg, generator=gen)  # noqa: E731
     res = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, transform=attack,
                           predict=wrapped.predict, desc="eot")
-    energies["eot_marginal"], energies["eot_joint"] = res["marginal"].numpy(), res["joint"].numpy()
-    energies["eot_correct"] = res["correct"].numpy()
-    return _entry(len(y), float(res["correct"].float().mean()), base, protocol,
+    return _entry(len(y), _keep(energies, "eot", res), base, protocol,
                   clean_accuracy=float(clean["correct"].float().mean()), samples=samples, noise_std=noise_std,
                   max_perturbation_linf=_check_budget("eot", base, res["linf"]))
 

@@ -29,6 +29,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from . import energies_file, plan
 from .data import load_prepared
 from .dynamics import columns as dynamics_columns
 from .files import load_npz
@@ -375,11 +376,12 @@ class _Record:
                              "inputs": [str(p) for p in inputs]})
 
 
-def _energy_sets(npz_path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{set: {"E_x", "E_xy"}} from an `.energies.npz` of the evaluate or metrics stage."""
-    f = load_npz(npz_path, fix="rerun the stage that wrote it (evaluate or metrics)")
-    return {key[: -len("_marginal")]: {"E_x": f[key], "E_xy": f[key[: -len("_marginal")] + "_joint"]}
-            for key in f if key.endswith("_marginal") and key[: -len("_marginal")] + "_joint" in f}
+ENERGIES_FIX = "rerun the stage that wrote it (evaluate or metrics)"
+
+
+def _run_file(key: str, results_dir: Path, dataset: str, method: str, seed: int) -> Path:
+    """A run's stage output (plan.PATTERNS `key`) in the profile's results folder."""
+    return plan.profile_path(key, results_dir, dataset=dataset, method=method, seed=seed)
 
 
 def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
@@ -394,14 +396,14 @@ def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
         methods = profile_cfg.methods_for(dataset)
         runs = [(m, s) for m in methods for s in profile_cfg.seeds]
         splits = None
-        data_dir = results_dir / "data" / dataset
+        data_dir = plan.profile_path("data", results_dir, dataset=dataset)
         if (data_dir / "splits.pt").is_file():
             splits, _ = load_prepared(data_dir)
-        _landscapes(record, fc, results_dir, dataset, methods, profile_cfg.seeds[0], splits, device)
+        _landscapes(record, fc, results_dir, dataset, methods, profile_cfg.seeds[0], splits, device, data_dir)
         _histograms(record, fc, results_dir, dataset, runs, profile_cfg.seeds)
         for method, seed in runs:
             tag = f"{dataset}_{method}_s{seed}"
-            dyn_path = results_dir / "models" / dataset / method / f"s{seed}" / "dynamics.json"
+            dyn_path = _run_file("dynamics", results_dir, dataset, method, seed)
             if dyn_path.is_file():
                 dynamics = dynamics_columns(json.loads(dyn_path.read_text()))
                 if len(dynamics.get("epoch", [])) > 0:
@@ -411,14 +413,14 @@ def figures_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
                     record.add(plot_dynamics(dynamics, title, colour=method_style(method).colour,
                                              divergence_attack=divergence),
                                f"dynamics_{tag}", "dynamics", [dyn_path], dataset=dataset, method=method, seed=seed)
-            _samples(record, fc, results_dir, dataset, method, seed, splits)
+            _samples(record, fc, results_dir, dataset, method, seed, splits, data_dir)
         _scatter(record, results_dir, dataset, runs, profile_cfg.table_datasets)
     atomic_write_json(out_dir / "figures.json", {"profile": profile_cfg.name, "figures": record.entries})
     return record.files + [out_dir / "figures.json"]
 
 
-def _landscapes(record, fc, results_dir, dataset, methods, seed, splits, device) -> None:
-    models = {m: results_dir / "models" / dataset / m / f"s{seed}" / "model.pt" for m in methods}
+def _landscapes(record, fc, results_dir, dataset, methods, seed, splits, device, data_dir) -> None:
+    models = {m: _run_file("model", results_dir, dataset, m, seed) for m in methods}
     models = {m: p for m, p in models.items() if p.is_file()}
     if splits is None or not models:
         return
@@ -432,19 +434,19 @@ def _landscapes(record, fc, results_dir, dataset, methods, seed, splits, device)
             title = (f"{'E(x,y)' if kind == 'E_xy' else 'E(x)'} around test image {i} (class {splits.classes[int(y0)]}), "
                      f"{dataset}, seed {seed}; plane radius {lc.radius:.3g} (L2)")
             record.add(plot_landscapes(panels, kind, title), f"landscape_{word}_{dataset}_img{i}", "landscape",
-                       list(models.values()) + [results_dir / "data" / dataset], dataset=dataset, seed=seed)
+                       list(models.values()) + [data_dir], dataset=dataset, seed=seed)
 
 
 def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
     hc = fc.histograms
     per_seed: dict[int, dict] = {}
     for method, seed in runs:
-        eval_npz = results_dir / "eval" / dataset / method / f"s{seed}.energies.npz"
+        eval_npz = _run_file("eval_energies", results_dir, dataset, method, seed)
         if not eval_npz.is_file():
             continue
-        sets = _energy_sets(eval_npz)
+        sets = energies_file.read_sets(eval_npz, fix=ENERGIES_FIX)
         attacks = [a for a in hc.attacks if a in sets]
-        eval_json = eval_npz.with_name(f"s{seed}.json")
+        eval_json = _run_file("eval", results_dir, dataset, method, seed)
         entries = eval_entries(json.loads(eval_json.read_text())) if eval_json.is_file() else {}
         labels = {a: attack_label(a, entries.get(a)) for a in hc.attacks}
         if "clean" in sets and attacks:
@@ -453,14 +455,14 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
             record.add(plot_attack_histograms(sets, attacks, bins=hc.bins, range_=hc.range, labels=labels, title=title),
                        f"energy_hist_attacks_{dataset}_{method}_s{seed}", "energy_histograms",
                        [eval_npz] + ([eval_json] if entries else []), dataset=dataset, method=method, seed=seed)
-        gen_npz = results_dir / "metrics" / dataset / method / f"s{seed}.energies.npz"
+        gen_npz = _run_file("metrics_energies", results_dir, dataset, method, seed)
         if "clean" in sets:
             col = {"clean": sets["clean"]["E_xy"]}
             if hc.attacks[0] in sets:
                 col[f"adversarial ({labels[hc.attacks[0]]})"] = sets[hc.attacks[0]]["E_xy"]
             inputs = [eval_npz] + ([eval_json] if entries else [])
             if gen_npz.is_file():
-                for name, gen in _energy_sets(gen_npz).items():
+                for name, gen in energies_file.read_sets(gen_npz, fix=ENERGIES_FIX).items():
                     col[f"generated ({name})"] = gen["E_xy"]
                 inputs.append(gen_npz)
             if len(col) > 1:
@@ -473,8 +475,8 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
                    [p for _, inputs in by_method.values() for p in inputs], dataset=dataset, seed=seed)
 
 
-def _samples(record, fc, results_dir, dataset, method, seed, splits) -> None:
-    samples_dir = results_dir / "samples" / dataset / method / f"s{seed}"
+def _samples(record, fc, results_dir, dataset, method, seed, splits, data_dir) -> None:
+    samples_dir = _run_file("samples", results_dir, dataset, method, seed)
     for npz in sorted(samples_dir.glob("*.npz")) if samples_dir.is_dir() else []:
         f = load_npz(npz, fix="rerun the generate stage")
         images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
@@ -490,14 +492,14 @@ def _samples(record, fc, results_dir, dataset, method, seed, splits) -> None:
             idx, scores = nearest_by_ssim(queries, splits.train.images, fc.nearest.k)
             record.add(plot_nearest(queries, splits.train.images[idx], scores,
                                     f"'{npz.stem}' samples of {method} and their {fc.nearest.k} nearest training images (SSIM)"),
-                       f"nearest_ssim_{tag}", "nearest_ssim", [npz, results_dir / "data" / dataset],
+                       f"nearest_ssim_{tag}", "nearest_ssim", [npz, data_dir],
                        dataset=dataset, method=method, seed=seed)
 
 
 def _scatter(record, results_dir, dataset, runs, table_datasets: dict[str, str]) -> None:
     points, inputs = {}, []
     for method, seed in runs:
-        path = results_dir / "eval" / dataset / method / f"s{seed}.json"
+        path = _run_file("eval", results_dir, dataset, method, seed)
         if not path.is_file():
             continue
         cols = json.loads(path.read_text()).get("columns", {})

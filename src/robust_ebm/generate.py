@@ -53,12 +53,13 @@ from . import plan
 from .attacks import AttackConfig
 from .data import load_prepared
 from .files import BadFileError, load_torch
+from .inference import batched_outputs
 from .model_sources import is_model_available
 from .models import load_for_run
 from .runtime import atomic_write_bytes, atomic_write_json, model_mode, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 
-BUFFER_FILE = "replay_buffer.pt"
+BUFFER_FILE = Path(plan.PATTERNS["replay_buffer"]).name  # train writes it beside model.pt
 GRID_COLUMNS = 10
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def find_buffer(model_path: Path, meta: dict) -> Path | None:
         info = info.get("path")
     if isinstance(info, str) and info:
         candidates.append(Path(info) if Path(info).is_absolute() else model_path.parent / info)
-    candidates.append(model_path.parent / BUFFER_FILE)
+    candidates.append(plan.beside(model_path.parent, "model_dir", "replay_buffer"))
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -221,8 +222,8 @@ def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, devic
     images = images.float().clamp(0, 1)
     labels = state.get("labels")
     if labels is None:
-        labels = torch.cat([_predict(model, images[i : i + batch_size].to(device)).cpu()
-                            for i in range(0, len(images), batch_size)])
+        (labels,) = batched_outputs(model, lambda xb: _predict(model, xb.to(device)), images, batch_size=batch_size,
+                                    desc=None)
     return images, labels.long().view(-1)
 
 
@@ -234,11 +235,11 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return images.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
 
 
-@torch.no_grad()
 def sample_logits(model: nn.Module, images: Tensor, *, batch_size: int = 100, device=torch.device("cpu")) -> Tensor:
-    """f(x) of float [0,1] images (CPU float32): what the JEM-family papers' buffer protocol ranks by
-    (metrics.buffer_protocol), taken here on the float buffer as their cond_is_fid does, before uint8 storage."""
-    return torch.cat([model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)])
+    """f(x) of float [0,1] images (CPU float32, model in eval mode): what the JEM-family papers' buffer protocol
+    ranks by (metrics.buffer_protocol), taken here on the float buffer as their cond_is_fid does, before uint8
+    storage."""
+    return batched_outputs(model, lambda xb: model(xb.to(device)).float(), images, batch_size=batch_size, desc=None)[0]
 
 
 def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra: np.ndarray) -> None:
@@ -329,8 +330,7 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
         if spec.kind == "buffer":
             images, ys = buffer_samples(model, buffer_path, batch_size=gen_cfg.batch_size, device=device)
             record["buffer_path"] = str(buffer_path)
-            with model_mode(model, "eval"):
-                extra["logits"] = sample_logits(model, images, batch_size=gen_cfg.batch_size, device=device).numpy()
+            extra["logits"] = sample_logits(model, images, batch_size=gen_cfg.batch_size, device=device).numpy()
         as_uint8, ys = to_uint8(images), ys.numpy()
         save_npz(npz, as_uint8, ys, **extra)
         save_grid(grid, as_uint8, ys, num_classes)

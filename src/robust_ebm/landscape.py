@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .energy import joint_energy, marginal_energy
+from .inference import batched_outputs
 
 KINDS = ("E_xy", "E_x")
 STATISTICS = ("mean_abs_delta", "mean_energy", "centre_energy", "centre_rank")
@@ -47,18 +48,13 @@ def energy_landscape(model, x0, y0: int, d1, d2, radius: float, grid: int, *, ba
     a, b = torch.meshgrid(coords, coords, indexing="ij")
     offsets = a.reshape(-1, 1) * d1.reshape(1, -1).double() + b.reshape(-1, 1) * d2.reshape(1, -1).double()
     points = (x0.reshape(1, -1).double() + offsets).float().view(-1, *x0.shape)
-    was_training = model.training
-    model.eval()
-    try:
-        e_xy, e_x = [], []
-        for chunk in torch.split(points, batch_size):
-            logits = model(chunk.to(device))
-            e_xy.append(joint_energy(logits, torch.full((len(chunk),), int(y0), device=device)).cpu())
-            e_x.append(marginal_energy(logits).cpu())
-    finally:
-        model.train(was_training)
-    return {"coords": coords.numpy(), "E_xy": torch.cat(e_xy).view(grid, grid).numpy(),
-            "E_x": torch.cat(e_x).view(grid, grid).numpy()}
+
+    def step(chunk):
+        logits = model(chunk.to(device))
+        return joint_energy(logits, torch.full((len(chunk),), int(y0), device=device)), marginal_energy(logits)
+
+    e_xy, e_x = batched_outputs(model, step, points, batch_size=batch_size, desc=None)
+    return {"coords": coords.numpy(), "E_xy": e_xy.view(grid, grid).numpy(), "E_x": e_x.view(grid, grid).numpy()}
 
 
 

@@ -55,7 +55,7 @@ from . import attacks, data, plan
 from .checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
 from .config import validate_run
 from .dynamics import DynamicsRecorder
-from .evaluate import evaluate_inputs
+from .inference import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
 from .models import build_model, save_classifier
 from .optim import SAM, LRSchedule, build_optimizer, frozen_bn_stats

@@ -11,31 +11,25 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from ..energy import joint_energy, marginal_energy
+from ..inference import batched_outputs
 from .refclf import to_unit
 
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5, "q75": 0.75, "q95": 0.95}
 KINDS = ("E_x", "E_xy")
 
 
-@torch.no_grad()
 def compute_energies(model, images: Tensor, labels: Tensor, *, batch_size: int = 256) -> dict[str, Tensor]:
-    """{"E_x": (N,), "E_xy": (N,)} of a classifier in eval mode (mode restored afterwards)."""
+    """{"E_x": (N,), "E_xy": (N,)} of a classifier in eval mode (inference.batched_outputs)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        e_x, e_xy = [], []
-        for xb, yb in tqdm(zip(torch.split(images, batch_size), torch.split(labels, batch_size)),
-                           total=-(-len(images) // batch_size), desc="energies", leave=False):
-            logits = model(to_unit(xb).to(device))
-            e_x.append(marginal_energy(logits).cpu())
-            e_xy.append(joint_energy(logits, yb.to(device)).cpu())
-    finally:
-        model.train(was_training)
-    return {"E_x": torch.cat(e_x), "E_xy": torch.cat(e_xy)}
+
+    def step(xb, yb):
+        logits = model(to_unit(xb).to(device))
+        return marginal_energy(logits), joint_energy(logits, yb.to(device))
+
+    e_x, e_xy = batched_outputs(model, step, images, labels, batch_size=batch_size, desc="energies")
+    return {"E_x": e_x, "E_xy": e_xy}
 
 
 def summarize(energies: Tensor) -> dict:

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..energy import joint_energy, marginal_energy
+from ..runtime import model_mode
 from .refclf import to_unit
 
 
@@ -59,16 +60,15 @@ def score_matching_terms(energy: Tensor, x: Tensor, probes: int | None, generato
 
 @contextmanager
 def _eval_without_param_grads(model):
-    """Eval mode and frozen parameters (only ∇_x is needed); both restored on exit."""
-    was_training = model.training
+    """Eval mode (runtime.model_mode) and frozen parameters (only ∇_x is needed); both restored on exit."""
     flags = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
+    model.requires_grad_(False)
     try:
-        yield model
+        with model_mode(model, "eval"):
+            yield model
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def fisher_scores(

@@ -15,8 +15,8 @@ Inception FID/IS; hence their names always end in `_refclf`.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
+from ..inference import batched_outputs
 from .frechet import feature_stats, frechet_distance_to_stats, inception_score_from_probs
 
 
@@ -25,21 +25,15 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 255.0 if images.dtype == torch.uint8 else images
 
 
-@torch.no_grad()
 def classifier_outputs(model, images: torch.Tensor, *, batch_size: int = 256, desc: str = "refclf"):
     """(penultimate features, softmax probabilities) of a `Classifier` in eval mode, float64 CPU."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        feats, probs = [], []
-        for batch in tqdm(torch.split(images, batch_size), desc=desc, leave=False):
-            h = model.features(to_unit(batch).to(device))
-            feats.append(h.double().cpu())
-            probs.append(torch.softmax(model.fc(h).double(), dim=1).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(probs)
+
+    def step(batch):
+        h = model.features(to_unit(batch).to(device))
+        return h.double(), torch.softmax(model.fc(h).double(), dim=1)
+
+    return batched_outputs(model, step, images, batch_size=batch_size, desc=desc)
 
 
 def refclf_reference_stats(model, reference: torch.Tensor, *, batch_size: int = 256) -> tuple:

@@ -23,7 +23,6 @@ generator's `refclf` is {"status": "not computed: ..."}: its samples were optimi
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -31,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import energies_file, plan
 from ..data import load_prepared
 from ..files import BadFileError, load_npz
 from ..landscape import landscape_statistics
 from ..model_sources import is_model_available
 from ..models import load_for_run
-from ..runtime import atomic_write_bytes, atomic_write_json, note_fallback, pick_device, seed_everything
+from ..runtime import atomic_write_json, note_fallback, pick_device, seed_everything
 from .buffer_protocol import top_confident_metrics
 from .energy_stats import compute_energies, energy_report
 from .fisher import fisher_scores
@@ -49,7 +49,6 @@ from .inception import (
 )
 from .refclf import refclf_metrics, refclf_reference_stats
 
-EVAL_SET_SUFFIXES = ("_marginal", "_joint")
 INCEPTION_FALLBACK = ("IS/FID: Inception weights unavailable, so only the *_refclf stand-in (reference-classifier "
                       "features) was computed; supply the weights (see `robust-ebm check`) for Inception IS/FID")
 
@@ -98,16 +97,11 @@ def _eval_energies(eval_path: Path | None) -> dict[str, dict[str, torch.Tensor]]
     """{column: {"E_x", "E_xy"}} from the evaluate stage's `<eval>.energies.npz`."""
     if eval_path is None:
         return {}
-    npz = eval_path.with_suffix(".energies.npz")
+    npz = plan.beside(eval_path, "eval", "eval_energies")
     if not npz.is_file():
         raise FileNotFoundError(f"no {npz} beside {eval_path}; rerun the evaluate stage, which writes both")
-    sets = {}
-    f = load_npz(npz, fix=f"rerun the evaluate stage, which writes {eval_path.name} and {npz.name}")
-    for key in f:
-        if key.endswith("_marginal") and f"{key[:-9]}_joint" in f:
-            col = key[: -len("_marginal")]
-            sets[col] = {"E_x": torch.from_numpy(f[key]), "E_xy": torch.from_numpy(f[f"{col}_joint"])}
-    return sets
+    sets = energies_file.read_sets(npz, fix=f"rerun the evaluate stage, which writes {eval_path.name} and {npz.name}")
+    return {col: {k: torch.from_numpy(v) for k, v in kinds.items()} for col, kinds in sets.items()}
 
 
 def _subset(n_total: int, n: int, seed: int) -> torch.Tensor:
@@ -190,14 +184,15 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         except InceptionWeightsUnavailable as err:  # a file that is not the Inception weights
             unavailable = err
     if net is not None:
+        cache_dir = plan.file_path("inception_cache", results=run.paths.results, profile=run.profile)
         ref_stats = reference_stats(net, reference, weights=weights, batch_size=cfg.batch_size,
-                                    cache_dir=Path(run.paths.results) / run.profile / "cache" / "inception")
+                                    cache_dir=cache_dir)
         result["inception"] = {"status": "ok", "weights": str(weights), "splits": cfg.inception.splits,
                                "n_ref": ref_stats.n, "network": "torch-fidelity InceptionV3 (TF 2015-12-05 port)"}
         if buffer_logits:  # the papers' buffer protocol compares with its own real set (CIFAR-10 train+test)
             top_ref = reference_stats(net, _reference_images(splits, cfg.top_confident.reference), weights=weights,
                                       batch_size=cfg.batch_size,
-                                      cache_dir=Path(run.paths.results) / run.profile / "cache" / "inception")
+                                      cache_dir=cache_dir)
     else:
         result["inception"] = {"status": "unavailable", "reason": str(unavailable)}
         note_fallback(fallbacks, INCEPTION_FALLBACK)
@@ -230,8 +225,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         idx = _subset(len(images), min(cfg.energy.n_examples, len(images)), run.seed)
         energies = compute_energies(model, images[idx], labels[idx], batch_size=cfg.batch_size)
         sets[f"generated/{name}"] = energies
-        sample_energies.update({f"{name}_marginal": energies["E_x"].numpy(), f"{name}_joint": energies["E_xy"].numpy(),
-                                f"{name}_labels": labels[idx].numpy()})
+        sample_energies.update(energies_file.entries(name, energies["E_x"], energies["E_xy"], labels=labels[idx]))
         result["generators"][name] = entry
 
     n_fisher = min(cfg.fisher.n_examples, len(splits.test.labels))
@@ -253,10 +247,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
     else:
         result["energy"] = {"status": "no clean energies: evaluate stage output not given"}
 
-    energies_path = out_path.with_suffix(".energies.npz")
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **sample_energies)
-    atomic_write_bytes(energies_path, buffer.getvalue())
+    energies_path = energies_file.write(plan.beside(out_path, "metrics", "metrics_energies"), sample_energies)
     result["energies_file"] = energies_path.name
     result["fallbacks"] = fallbacks
     result["seconds"] = round(time.time() - t0, 3)
