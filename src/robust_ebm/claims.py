@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import yaml
 
+from . import plan
 from .papers import own_generator
 from .runtime import atomic_write_json, atomic_write_text
 
@@ -157,7 +158,7 @@ class Results:
         """One JSON per seed of the run (kind 'eval' or 'metrics')."""
         out = []
         for seed in self.seeds(dataset, method):
-            path = self.root / kind / dataset / method / f"s{seed}.json"
+            path = plan.profile_path(kind, self.root, dataset=dataset, method=method, seed=seed)
             if path not in self._cache:
                 self._cache[path] = json.loads(path.read_text()) if path.is_file() else None
             if self._cache[path] is None:
@@ -548,11 +549,12 @@ def claims_stage(profile_cfg, results_dir, out_dir, *, claims_path: Path | None 
             continue
         rows += [evaluate_claim(claim, results, d, z) for d in datasets]
     summary = verdict_counts(rows)
-    paths = [atomic_write_json(out_dir / "claims.json", {"profile": profile_cfg.name, "z": z, "summary": summary,
-                                                         "verdicts": VERDICTS, "claims": rows}),
-             atomic_write_text(out_dir / "claims.csv", _csv(rows)),
-             atomic_write_text(out_dir / "claims.md", _markdown(rows, profile_cfg, z, summary)),
-             atomic_write_json(out_dir / "summary.json", headline(results, profile_cfg, summary))]
+    out = {key: plan.profile_path(key, out_dir) for key in ("claims_json", "claims_csv", "claims_md", "summary")}
+    paths = [atomic_write_json(out["claims_json"], {"profile": profile_cfg.name, "z": z, "summary": summary,
+                                                    "verdicts": VERDICTS, "claims": rows}),
+             atomic_write_text(out["claims_csv"], _csv(rows)),
+             atomic_write_text(out["claims_md"], _markdown(rows, profile_cfg, z, summary)),
+             atomic_write_json(out["summary"], headline(results, profile_cfg, summary))]
     return paths
 
 

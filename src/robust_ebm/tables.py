@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import report
+from . import plan, report
 from .models import architecture_name
 from .papers import (  # noqa: F401 (tables.METHODS: one owner, papers.py)
     KNOWN_ARCHITECTURES, METHODS, METRICS, PAPER_DATASETS, STAND_INS, load_paper_records, own_generator)
@@ -82,15 +82,16 @@ def _number(x: Any) -> float | None:
 
 
 class Results:
-    """Reads results/<P>/{eval,metrics}/<D>/<M>/s<S>.json once each."""
+    """Reads results/<P>/{eval,metrics}/<D>/<M>/s<S>.json (and train.json) once each."""
+
+    PATTERNS = {"train": "train_json"}  # kind -> plan.PATTERNS key where they differ
 
     def __init__(self, results_dir: Path):
         self.root = Path(results_dir)
         self._cache: dict[Path, Any] = {}
 
     def get(self, kind: str, dataset: str, method: str, seed: int) -> dict | None:
-        path = (self.root / "models" / dataset / method / f"s{seed}" / "train.json" if kind == "train"
-                else self.root / kind / dataset / method / f"s{seed}.json")
+        path = plan.profile_path(self.PATTERNS.get(kind, kind), self.root, dataset=dataset, method=method, seed=seed)
         if path not in self._cache:
             self._cache[path] = json.loads(path.read_text()) if path.is_file() else None
         return self._cache[path]
@@ -274,7 +275,7 @@ def dataset_note(profile, key: str, results_dir: Path) -> str:
     bits = []
     if cfg is not None and cfg.source == "sklearn_digits":
         bits.append(f"{profile.name} stand-in for {', '.join(paper_names) or 'the papers data sets'}")
-    info = Path(results_dir) / "data" / key / "data.json"
+    info = plan.profile_path("data", results_dir, dataset=key) / "data.json"
     if info.is_file():
         note = json.loads(info.read_text()).get("note")
         if note:
@@ -518,14 +519,14 @@ def tables_stage(profile_cfg, results_dir, out_dir) -> list[Path]:
         n_ours = sum(1 for r in table.rows for c in r["ours"].values() if c.reason is None)
         index.append(f"| {paper} | {table_id} | [md]({table.name}.md) [csv]({table.name}.csv) "
                      f"[tex]({table.name}.tex) | {len(table.rows)} | {n_ours} |")
-    figures_dir = results_dir / "figures"
+    figures_dir = plan.profile_path("figures", results_dir)
     figures = sorted(figures_dir.glob("*.png")) if figures_dir.is_dir() else []
     readme = [f"# Tables and figures of profile `{profile_cfg.name}`", "",
               f"Seeds: {profile_cfg.seeds}. {protocol_text(profile_cfg)}", "",
               "| paper | table | files | rows | cells of ours with a number |", "|---|---|---|---|---|", *index,
               "", "## Figures", ""]
     readme += _figure_index(figures_dir, figures) or ["(no figures found)"]
-    claims = results_dir / "claims.json"
+    claims = plan.profile_path("claims_json", results_dir)
     readme += ["", "## Claims", ""]
     if claims.is_file():
         counts = json.loads(claims.read_text()).get("summary", {})
