@@ -14,8 +14,9 @@ from PIL import Image
 from robust_ebm.config import DatasetConfig, params_from_dict
 from robust_ebm.data import (
     JPEG_CIFAR_NOTE, DataUnavailableError, TensorSplit, class_stats, load_prepared, load_splits, make_loader,
-    prepare_stage, random_crop, read_image_folder, split_train_valid, training_split, weat_pca_rank,
+    random_crop, read_image_folder, split_train_valid, training_split, weat_pca_rank,
 )
+from robust_ebm.prepare import prepare_stage
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -25,7 +25,7 @@ from PIL import Image
 
 from helpers import tiny_classifier
 from repo_copy import ROOT, copy_checkout, hermetic_env, parse_dry_run, snakemake
-from robust_ebm import cli, data, runtime, tables
+from robust_ebm import cli, data, prepare, runtime, tables
 from robust_ebm.config import ConfigError, load_params, validate_run
 from robust_ebm.files import BadFileError, load_npz, load_torch
 from robust_ebm.methods import build_method
@@ -367,7 +367,7 @@ def test_bad_image_folder_is_refused_naming_the_file_and_nothing_is_written(tmp_
     out.mkdir()
     (out / "data.json").write_text("earlier result")
     with pytest.raises(data.DataUnavailableError) as info:
-        data.prepare_stage(params, "paper", "cifar10", out)
+        prepare.prepare_stage(params, "paper", "cifar10", out)
     msg = str(info.value)
     assert str(bad) in msg and ("remove" in msg or "add its images" in msg) and "\n" not in msg
     assert sorted(p.name for p in out.iterdir()) == ["data.json"] and (out / "data.json").read_text() == "earlier result"

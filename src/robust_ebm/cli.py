@@ -163,7 +163,7 @@ def cmd_check(args) -> None:
 
 
 def cmd_data(args) -> None:
-    from .data import prepare_stage
+    from .prepare import prepare_stage
     from .tracking import open_run
 
     params, profile = _profile_config(args)

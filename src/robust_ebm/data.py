@@ -14,12 +14,12 @@ batches in the loader, where augmentation runs vectorised on the batch
   resized to `image_size`.
 
 The validation split is drawn from train by `split_seed`; the test split is
-never used for selection. `prepare_stage` is the `data` stage of the workflow.
+never used for selection. `save_prepared` and `load_prepared` write and read the `data` stage's files
+(the stage itself: robust_ebm.prepare).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .files import BadFileError, load_torch
-from .runtime import atomic_torch_save, atomic_write_json, pick_device
+from .runtime import atomic_torch_save
 from .schema_types import Fraction, Strict
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
@@ -575,35 +575,19 @@ def weat_pca_singular_values(stats: ClassStats, k: int, rank: int) -> Tensor:
     return stats.scales[k, :rank] * math.sqrt(max(int(stats.counts[k]) - 1, 0))
 
 
-# --------------------------------------------------------------------------- the data stage
+# --------------------------------------------------------------------------- the data stage's files
 
 
-def prepare_stage(params, profile: str, dataset: str, out_dir: str | Path) -> dict:
-    """Load `dataset` as `profile` of `params` (config.Params) configures it; write splits.pt, class_stats.pt
-    and data.json to out_dir."""
-    prof = params.profile_config(profile)
-    cfg, out_dir = prof.dataset(dataset), Path(out_dir)
-    splits = load_splits(cfg)
-    fallbacks: list[str] = []
-    stats = class_stats(splits.train.float01(), splits.train.labels, cfg.num_classes, cfg.stats_rank,
-                        device=pick_device(prof.device, fallbacks))
+def save_prepared(out_dir: str | Path, splits: Splits, stats: ClassStats) -> Path:
+    """Write splits.pt and class_stats.pt to out_dir (atomically); return the path of splits.pt."""
+    out_dir = Path(out_dir)
     splits_path = atomic_torch_save(_splits_to_dict(splits), out_dir / "splits.pt")
     atomic_torch_save(stats.to_dict(), out_dir / "class_stats.pt")
-    summary = {
-        "profile": profile, "dataset": dataset, "source": splits.source, "root": cfg.root,
-        "counts": {name: len(getattr(splits, name)) for name in ("train", "valid", "test")},
-        "num_classes": cfg.num_classes, "image_shape": list(splits.train.images.shape[1:]),
-        "split_seed": cfg.split_seed, "classes": splits.classes, "stats_rank": stats.rank,
-        "splits_sha256": _sha256(splits_path), "fallbacks": fallbacks,
-    }
-    if cfg.name == "CIFAR10" and splits.source.startswith("imagefolder"):
-        summary["note"] = JPEG_CIFAR_NOTE
-    atomic_write_json(out_dir / "data.json", summary)
-    return summary
+    return splits_path
 
 
 def load_prepared(out_dir: str | Path) -> tuple[Splits, ClassStats]:
-    """Read what `prepare_stage` wrote (torch.load with weights_only=True)."""
+    """Read what `save_prepared` wrote (torch.load with weights_only=True)."""
     out_dir = Path(out_dir)
     fix = f"rerun the data stage (robust-ebm data ... --out {out_dir})"
     state = load_torch(out_dir / "splits.pt", fix=fix)
@@ -624,11 +608,3 @@ def _splits_to_dict(splits: Splits) -> dict:
         split = getattr(splits, name)
         state[f"{name}_images"], state[f"{name}_labels"] = split.images.contiguous(), split.labels.contiguous()
     return state
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
