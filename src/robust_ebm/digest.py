@@ -51,9 +51,10 @@ def digest(results_dir: Path, profile_cfg, out_dir: Path) -> Path:
                 continue
             atomic_write_json(out_dir / f"{dataset}-{method}-s{seed}.json", record)
             runs.append(record)
-    for name in ("claims.json", "claims.md"):
-        if (results_dir / name).is_file():
-            shutil.copyfile(results_dir / name, out_dir / name)
+    for key in ("claims_json", "claims_md"):
+        claims = plan.profile_path(key, results_dir)
+        if claims.is_file():
+            shutil.copyfile(claims, out_dir / claims.name)
     about = provenance(profile_cfg.name) | {"runs": [r["run"] for r in runs], "not_run": missing}
     atomic_write_json(out_dir / "digest.json", about)
     atomic_write_text(out_dir / "README.md", markdown(runs, about))
@@ -77,8 +78,7 @@ def run_record(results_dir: Path, dataset: str, method: str, seed: int) -> dict 
 
 def _stage_json(results_dir: Path, key: str, dataset: str, method: str, seed: int) -> Path:
     """The JSON a stage wrote, from the plan's pattern (results_dir is results/<profile>)."""
-    pattern = plan.PATTERNS[key].replace("{results}/{profile}", "{root}")
-    path = Path(pattern.format(root=results_dir, dataset=dataset, method=method, seed=seed))
+    path = plan.profile_path(key, results_dir, dataset=dataset, method=method, seed=seed)
     return path / "generate.json" if key == "samples" else path
 
 
