@@ -169,7 +169,7 @@ def _standin_cell(metrics: dict) -> str:
         if isinstance(ref.get("fid_refclf"), (int, float)):
             parts.append(f"{name} {ref['fid_refclf']:.2f} / {ref['is_refclf']:.2f}")
         elif ref.get("status"):
-            parts.append(f"{name}: {ref['status']}")
+            parts.append(f"{name}: {ref['status'].split(':')[0]}")   # the reason is in the run's JSON
     return "; ".join(parts) or "–"
 
 
