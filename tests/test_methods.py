@@ -300,3 +300,32 @@ def test_params_yaml_methods_build_and_train_one_step():
         out.loss.backward()
         assert torch.isfinite(out.loss), name
         assert all(torch.isfinite(w.grad).all() for w in model.parameters() if w.grad is not None), name
+
+
+@pytest.mark.parametrize("norm, dropout, one_forward", [("none", 0.0, True), ("batch", 0.0, False), ("none", 0.3, False)])
+def test_forward_each_concatenates_only_without_batch_statistics_or_dropout(norm, dropout, one_forward):
+    """One forward of cat(xs) where every image is independent (same logits); else one forward per batch,
+    in order, so BatchNorm's running statistics and the dropout draws are those of separate forwards."""
+    from robust_ebm.methods.base import forward_each
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="wrn", depth=10, width=1, norm=norm, dropout=dropout, block="jem")
+    model = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    twin = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    twin.load_state_dict(model.state_dict())
+    xs = [torch.rand(n, *SHAPE, dtype=torch.float64) for n in (3, 4, 2)]
+    calls = []
+    model.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    torch.manual_seed(1)
+    ours = forward_each(model, *xs)
+    torch.manual_seed(1)
+    separate = [twin(x) for x in xs]
+    assert calls == ([9] if one_forward else [3, 4, 2])
+    for a, b in zip(ours, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for (key, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=key)
+    model.eval()   # eval mode: BatchNorm uses running statistics, dropout is off: always one forward
+    calls.clear()
+    forward_each(model, *xs)
+    assert calls == [9]
