@@ -42,7 +42,8 @@ PHASES = ("prepare forward", "prepare backward", "prepare other", "loss forward"
           "optimiser", "other")
 
 
-def build(method: str, profile: str, batch: int, seed: int = 0, channels_last: bool | None = None):
+def build(method: str, profile: str, batch: int, seed: int = 0, channels_last: bool | None = None,
+          precision: str = "auto"):
     """Model, method, optimiser and one random batch, as `bench.bench_method` builds them (CPU, fp32)."""
     prof = load_params(PARAMS).profile_config(profile)
     cfg, model_cfg = prof.methods[method], prof.models[prof.methods[method].model]
@@ -58,7 +59,7 @@ def build(method: str, profile: str, batch: int, seed: int = 0, channels_last: b
                                       device=device, seed=seed, **extra)
     model.train()
     b = bench._random_batch(batch, (3, 32, 32), 10, device, g, meth.needs_px_stream, batch)
-    prec = resolve_precision("auto", device, cfg.sampler is not None)
+    prec = resolve_precision(precision, device, cfg.sampler is not None)
     return lambda: train_step(model, meth, opt, b, epoch=1, precision=prec, device=device), model, meth, opt
 
 
@@ -171,16 +172,19 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--channels-last", type=int, choices=(0, 1), help="build_parts' channels_last (default: its own)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     ap.add_argument("--ops", action="store_true", help="torch.profiler operator table instead of phases")
     ap.add_argument("--json", help="append the phase split as one JSON line to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     step, model, method, optimizer = build(args.method, args.profile, args.batch,
-                                           channels_last=None if args.channels_last is None else bool(args.channels_last))
+                                           channels_last=None if args.channels_last is None else bool(args.channels_last),
+                                           precision=args.precision)
     if args.ops:
         print(ops(step, args.steps, args.warmup))
         return
     result = {"method": args.method, "threads": args.threads, "channels_last": args.channels_last,
+              "precision": args.precision,
               "src": str(Path(__import__("robust_ebm").__file__).parents[1]), "batch": args.batch, "steps": args.steps,
               **phases(step, model, method, optimizer, args.steps, args.warmup)}
     print(json.dumps(result))

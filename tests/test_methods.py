@@ -329,3 +329,29 @@ def test_forward_each_concatenates_only_without_batch_statistics_or_dropout(norm
     calls.clear()
     forward_each(model, *xs)
     assert calls == [9]
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.9, None])
+def test_trades_batchnorm_statistics_equal_three_forwards(momentum):
+    """TRADES' x, x_adv, x train-mode forwards (trades.py:79-82): two forwards with adjusted momenta leave the
+    running statistics and counts of all three; momentum None (cumulative average) forwards x again."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="tiny_cnn", width=4, norm="batch", bn_momentum=0.5)
+    model = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    reference = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    reference.load_state_dict(model.state_dict())
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    x, x_adv = images(0), images(1)
+    method = make_method("trades")
+    logits, logits_adv = method.forward(model, {"x": x, "x_adv": x_adv})
+    expected = reference(x), reference(x_adv)
+    reference(x)
+    torch.testing.assert_close(logits, expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits_adv, expected[1], rtol=0, atol=1e-12)
+    for (key, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12, msg=key)
