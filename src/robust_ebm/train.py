@@ -118,8 +118,8 @@ def build_parts(method_cfg, model_cfg, *, num_classes: int, image_shape, stats, 
                 channels_last: bool = False):
     """Model, method (with its generator) and optimiser of one run.
 
-    `channels_last` stores the convolution weights NHWC on every device: on the CPU (oneDNN) a
-    WRN-16-2 forward + input-gradient pass took 0.7x the time of NCHW (docs/profile_jem.md).
+    `channels_last` stores the convolution weights NHWC on every device: on the CPU (oneDNN) the
+    WRN-16-2 TRADES step took 0.9x the CPU time of NCHW (docs/profile_jem.md).
     """
     model = build_model(model_cfg, num_classes=num_classes, in_channels=image_shape[0], image_size=image_shape[1])
     model = model.to(device)
