@@ -300,3 +300,58 @@ def test_params_yaml_methods_build_and_train_one_step():
         out.loss.backward()
         assert torch.isfinite(out.loss), name
         assert all(torch.isfinite(w.grad).all() for w in model.parameters() if w.grad is not None), name
+
+
+@pytest.mark.parametrize("norm, dropout, one_forward", [("none", 0.0, True), ("batch", 0.0, False), ("none", 0.3, False)])
+def test_forward_each_concatenates_only_without_batch_statistics_or_dropout(norm, dropout, one_forward):
+    """One forward of cat(xs) where every image is independent (same logits); else one forward per batch,
+    in order, so BatchNorm's running statistics and the dropout draws are those of separate forwards."""
+    from robust_ebm.methods.base import forward_each
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="wrn", depth=10, width=1, norm=norm, dropout=dropout, block="jem")
+    model = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    twin = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    twin.load_state_dict(model.state_dict())
+    xs = [torch.rand(n, *SHAPE, dtype=torch.float64) for n in (3, 4, 2)]
+    calls = []
+    model.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    torch.manual_seed(1)
+    ours = forward_each(model, *xs)
+    torch.manual_seed(1)
+    separate = [twin(x) for x in xs]
+    assert calls == ([9] if one_forward else [3, 4, 2])
+    for a, b in zip(ours, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for (key, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=key)
+    model.eval()   # eval mode: BatchNorm uses running statistics, dropout is off: always one forward
+    calls.clear()
+    forward_each(model, *xs)
+    assert calls == [9]
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.9, None])
+def test_trades_batchnorm_statistics_equal_three_forwards(momentum):
+    """TRADES' x, x_adv, x train-mode forwards (trades.py:79-82): two forwards with adjusted momenta leave the
+    running statistics and counts of all three; momentum None (cumulative average) forwards x again."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="tiny_cnn", width=4, norm="batch", bn_momentum=0.5)
+    model = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    reference = build_model(cfg, num_classes=K, in_channels=SHAPE[0], image_size=SHAPE[1]).double().train()
+    reference.load_state_dict(model.state_dict())
+    for m in reference.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = momentum
+    x, x_adv = images(0), images(1)
+    method = make_method("trades")
+    logits, logits_adv = method.forward(model, {"x": x, "x_adv": x_adv})
+    expected = reference(x), reference(x_adv)
+    reference(x)
+    torch.testing.assert_close(logits, expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(logits_adv, expected[1], rtol=0, atol=1e-12)
+    for (key, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12, msg=key)

@@ -130,9 +130,11 @@ def _sync(device: torch.device) -> None:
 
 def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps: int, warmup: int,
                  num_classes: int = 10, image_shape=(3, 32, 32), precision: str = "auto", seed: int = 0,
-                 flops: bool = False, peak_tflops: float | None = None, model_key: str | None = None) -> dict:
+                 flops: bool = False, peak_tflops: float | None = None, model_key: str | None = None,
+                 channels_last: bool = False) -> dict:
     """Time `steps` training steps of one method after `warmup` untimed ones; images/s from the median step.
-    With `flops`, one more untimed step counts the model FLOPs (module docstring) and MFU is reported."""
+    With `flops`, one more untimed step counts the model FLOPs (module docstring) and MFU is reported.
+    `precision` and `channels_last` as the training loop takes them (`training:` in params.yaml)."""
     device = pick_device(device) if isinstance(device, str) else device
     data_cfg = method_cfg.data.model_copy(update={"batch_size": batch, "px_batch_size": batch
                                                   if method_cfg.data.px_batch_size is not None else None})
@@ -142,7 +144,7 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
     labels = torch.arange(images.shape[0]) % num_classes
     stats = data.class_stats(images, labels, num_classes, max_rank=8)
     model, method, optimizer, _ = build_parts(method_cfg, model_cfg, num_classes=num_classes, image_shape=image_shape,
-                                              stats=stats, device=device, seed=seed)
+                                              stats=stats, device=device, seed=seed, channels_last=channels_last)
     prec = resolve_precision(precision, device, method_cfg.sampler is not None)
     configure_backends(prec, device, deterministic=False)  # TF32 on for tf32/bf16 only, as the train stage sets it
     model.train()
@@ -178,6 +180,7 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
             "ms_per_step": 1000 * seconds, "ms_per_step_mean": 1000 * statistics.fmean(times),
             "peak_mem_mb": None if peak is None else peak / 2**20,
             "mem_kind": kind, "device": str(device), "device_name": _device_name(device), "precision": prec,
+            "channels_last": channels_last,
             "batch": batch, "steps": steps, "arch": architecture_name(model_cfg), "model": model_key,
             "flops_per_step": step_flops, "tflops_per_s": achieved, "peak_tflops": peak_tflops,
             "peak_source": peak_source,
@@ -323,7 +326,7 @@ def bench_profile(profile, names, args) -> dict:
             for model_key, methods in groups.items():
                 got = run_bench(methods, profile.models[model_key], batch, device=args.device, steps=args.steps,
                                 warmup=args.warmup, precision=precision, flops=flops, peak_tflops=peak,
-                                model_key=model_key)
+                                model_key=model_key, channels_last=profile.training.channels_last)
                 print(format_bench(got), flush=True)
                 report["rows"] += got
                 save()

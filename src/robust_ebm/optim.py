@@ -161,17 +161,22 @@ def build_optimizer(params, cfg, *, device: torch.device):
 
 
 @contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module):
-    """BatchNorm layers keep their running statistics (momentum 0) inside the block."""
+def bn_momentum(model: nn.Module, rule):
+    """Every BatchNorm layer's momentum m becomes rule(m) inside the block (m None: cumulative average)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
     for m in bns:
-        m.momentum = 0.0
+        m.momentum = rule(m.momentum)
     try:
         yield
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
+
+
+def frozen_bn_stats(model: nn.Module):
+    """BatchNorm layers keep their running statistics (momentum 0) inside the block."""
+    return bn_momentum(model, lambda m: 0.0)
 
 
 def shape_factor(cfg, step: int, steps_per_epoch: int) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from pydantic import BaseModel, ValidationError
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import attacks
 from ..energy import joint_energy, marginal_energy
@@ -185,6 +185,24 @@ def released_kl(logits_nat: Tensor, logits_adv: Tensor) -> Tensor:
     Equal to `energy.kl_divergence` up to the 1e-12, which matters once some q_k is tiny."""
     log_p = logits_nat.log_softmax(dim=1)
     return (log_p.exp() * (log_p - torch.log(logits_adv.softmax(dim=1) + 1e-12))).sum(dim=1)
+
+
+def per_sample(model: nn.Module) -> bool:
+    """True when a forward treats every image on its own: no BatchNorm in training mode (batch statistics,
+    running-statistics updates) and no active dropout (its mask is one draw per call)."""
+    for m in model.modules():
+        if m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            if not isinstance(m, nn.modules.dropout._DropoutNd) or m.p > 0:
+                return False
+    return True
+
+
+def forward_each(model: nn.Module, *xs: Tensor) -> tuple[Tensor, ...]:
+    """model(x) for each x: one forward of the concatenated batch when `per_sample(model)` (same logits up to
+    rounding, larger convolutions), else one forward per x in the given order (BatchNorm sees each batch alone)."""
+    if len(xs) > 1 and per_sample(model):
+        return torch.split(model(torch.cat(xs)), [len(x) for x in xs])
+    return tuple(model(x) for x in xs)
 
 
 def energies(y: Tensor | None = None, **logits: Tensor) -> dict[str, Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..energy import cross_entropy, marginal_energy
-from .base import Batch, LossOutput, energies, output
+from .base import Batch, LossOutput, energies, forward_each, output
 from .jem import JemParams, SamplerMethod, px_contrast
 from .pgd_at import PGDAT
 
@@ -40,8 +40,8 @@ class JEAT(SamplerMethod):
 
     def loss(self, model, prepared: dict[str, Tensor], *, epoch: int) -> LossOutput:
         y = prepared["y"]
-        logits_adv = model(prepared["x_adv"])
-        e_sgld = marginal_energy(model(prepared["x_sgld"]))
+        logits_adv, logits_sgld = forward_each(model, prepared["x_adv"], prepared["x_sgld"])
+        e_sgld = marginal_energy(logits_sgld)
         ce = cross_entropy(logits_adv, y).mean()
         px = px_contrast(marginal_energy(logits_adv), e_sgld)
         loss = self.params.p_y_given_x * ce + self.params.p_x * px

@@ -32,7 +32,7 @@ from .. import sampling
 from ..energy import cross_entropy, marginal_energy
 from ..optim import frozen_bn_stats
 from ..schema_types import Strict
-from .base import Batch, LossOutput, Method, energies, output
+from .base import Batch, LossOutput, Method, energies, forward_each, output
 
 
 class PersistentSampler:
@@ -130,20 +130,22 @@ class JEM(SamplerMethod):
                 model(batch.x_px)  # the reference's first forward: its BN statistics update, before sampling
         return {"x": batch.x, "y": batch.y, "x_px": batch.x_px, "x_sgld": self.sampler.sample(model, n)}
 
-    def px_terms(self, model, prepared: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """E(x_px), E(x_sgld) and their contrast (one forward each, data first)."""
+    def px_terms(self, model, prepared: dict[str, Tensor], x: Tensor | None = None):
+        """E(x_px), E(x_sgld), their contrast, and the logits of `x` if given. Forward order x_px, x_sgld, x
+        (BatchNorm sees them so); a model without batch statistics takes them in one forward (`forward_each`)."""
+        xs = (prepared["x_px"], prepared["x_sgld"]) + (() if x is None else (x,))
         if self.params.px_forward == "before_sampling":
             with frozen_bn_stats(model):  # statistics already updated by prepare()
-                e_data = marginal_energy(model(prepared["x_px"]))
+                out = [model(xs[0])]
+            out += forward_each(model, *xs[1:])
         else:
-            e_data = marginal_energy(model(prepared["x_px"]))
-        e_sgld = marginal_energy(model(prepared["x_sgld"]))
-        return e_data, e_sgld, px_contrast(e_data, e_sgld)
+            out = forward_each(model, *xs)
+        e_data, e_sgld = marginal_energy(out[0]), marginal_energy(out[1])
+        return e_data, e_sgld, px_contrast(e_data, e_sgld), (out[2] if x is not None else None)
 
     def loss(self, model, prepared: dict[str, Tensor], *, epoch: int) -> LossOutput:
         y = prepared["y"]
-        e_data, e_sgld, px = self.px_terms(model, prepared)
-        logits = model(prepared["x"])
+        e_data, e_sgld, px, logits = self.px_terms(model, prepared, prepared["x"])
         ce = cross_entropy(logits, y).mean()
         loss = self.params.p_x * px + self.params.p_y_given_x * ce
         log = energies(y, clean=logits) | {"E_x/px": e_data.detach(), "E_x/sgld": e_sgld.detach()}
