@@ -305,8 +305,8 @@ class Ours:
 # ----------------------------------------------------------------------------- driver
 
 
-def measure(name: str, ref_side, ours, rounds: int, steps: int, log=print) -> dict:
-    """Interleaved rounds (ref, ours / ours, ref / ...); medians and ratios."""
+def measure(name: str, ref_side, ours, rounds: int, steps: int, log=print, on_round=None) -> dict:
+    """Interleaved rounds (ref, ours / ours, ref / ...); medians and ratios (`on_round(row)` after each round)."""
     sides = {"ref": ref_side, "ours": ours}
     wall = {"ref": [], "ours": []}
     cpu = {"ref": [], "ours": []}
@@ -323,6 +323,12 @@ def measure(name: str, ref_side, ours, rounds: int, steps: int, log=print) -> di
                 flush=True)
         round_ratio.append(this["ref"][0] / this["ours"][0])
         round_cpu_ratio.append(this["ref"][1] / this["ours"][1])
+        if on_round is not None and r + 1 < rounds:
+            on_round(_summary(name, wall, cpu, round_ratio, round_cpu_ratio) | {"partial_rounds": r + 1})
+    return _summary(name, wall, cpu, round_ratio, round_cpu_ratio)
+
+
+def _summary(name, wall, cpu, round_ratio, round_cpu_ratio) -> dict:
     med = {s: statistics.median(wall[s]) for s in wall}
     med_cpu = {s: statistics.median(cpu[s]) for s in cpu}
     return {"method": name, "ref_ms": med["ref"], "ours_ms": med["ours"], "ref_cpu_ms": med_cpu["ref"],
@@ -404,7 +410,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     load_before = os.getloadavg()
-    rows, refs = [], {}
+    rows, refs, result = [], {}, {}
+
+    def write(rows_now):
+        result.clear()
+        result.update({"started": started, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       "project_commit": _git_head(ROOT), "machine": machine(), "loadavg_before": load_before,
+                       "settings": {k: v for k, v in vars(a).items() if k not in ("refs", "out", "params")},
+                       "references": dict(refs), "rows": rows_now})
+        if a.out:
+            Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="side_by_side_") as tmp:
         for name in a.methods:
             repo = REPO[name]
@@ -414,18 +430,14 @@ def main(argv=None) -> dict:
             ours = Ours(name, params=Path(a.params), **kw)
             print(f"{name}: {repo}@{ref.commit[:10]} vs robust-ebm ({ours.cfg.loss}), WRN-{a.depth}-{a.width}, "
                   f"batch {a.batch}, {a.threads} thread(s)", flush=True)
-            row = measure(name, ref_side, ours, a.rounds, a.steps)
-            row |= {"repo": repo, "ref_commit": ref.commit, "ref_settings": ref_side.settings,
-                    "ours_settings": ours.settings}
-            rows.append(row)
             refs[repo] = ref.commit
-    result = {"started": started, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "project_commit": _git_head(ROOT), "machine": machine(), "loadavg_before": load_before,
-              "settings": {k: v for k, v in vars(a).items() if k not in ("refs", "out", "params")},
-              "references": refs, "rows": rows}
+            about = {"repo": repo, "ref_commit": ref.commit, "ref_settings": ref_side.settings,
+                     "ours_settings": ours.settings}
+            row = measure(name, ref_side, ours, a.rounds, a.steps,
+                          on_round=lambda partial, about=about: write(rows + [partial | about]))   # a killed run keeps its rounds
+            rows.append(row | about)
+            write(rows)
     print(format_table(rows))
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
