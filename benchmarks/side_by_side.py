@@ -34,7 +34,7 @@ batch) with the `paper` profile's method settings (sampler steps, buffer size, a
 WRN-16-2 of the same layout (`wrn16_2_jem`, `wrn16_2_jempp`, `wrn16_2`), fp32 on the CPU.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/side_by_side.py --refs /work/refs \
-        --methods jem jempp sadajem trades ebjdat_jem --rounds 3 --steps 2 --out docs/side_by_side.json
+        --methods jem jempp sadajem trades ebjdat_jem --rounds 3 --steps 1 --out docs/side_by_side.json
 """
 
 from __future__ import annotations
