@@ -160,13 +160,14 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    times = []
+    times, cpu_times = [], []
     with _PeakRSS() as rss:
         for _ in range(steps):
-            tic = time.perf_counter()
+            tic, cpu_tic = time.perf_counter(), time.thread_time()
             step()
             _sync(device)
             times.append(time.perf_counter() - tic)
+            cpu_times.append(time.thread_time() - cpu_tic)
     seconds = statistics.median(times)  # robust to a step hit by page faults or a busy neighbour
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) - base, "cuda_max_allocated"
@@ -178,6 +179,7 @@ def bench_method(name: str, method_cfg, model_cfg, *, batch: int, device, steps:
     achieved = None if step_flops is None else step_flops / seconds / 1e12
     return {"method": name, "loss": method_cfg.loss, "images_per_s": batch / seconds,
             "ms_per_step": 1000 * seconds, "ms_per_step_mean": 1000 * statistics.fmean(times),
+            "step_ms": [1000 * t for t in times], "step_cpu_ms": [1000 * t for t in cpu_times],
             "peak_mem_mb": None if peak is None else peak / 2**20,
             "mem_kind": kind, "device": str(device), "device_name": _device_name(device), "precision": prec,
             "channels_last": channels_last,
