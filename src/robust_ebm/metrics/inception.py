@@ -22,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
 from ..runtime import atomic_torch_save
 from .frechet import feature_stats, frechet_distance_to_stats, inception_score_from_probs
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
-WEIGHTS_URL = URL_INCEPTION_V3
+# torch-fidelity's URL_INCEPTION_V3 (tests/test_metrics.py checks they agree), written out so that a metrics job
+# without the weights need not import torch-fidelity and torchvision (~1.6 CPU-s) to say where to get them
+WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 WEIGHTS_ENV = "ROBUST_EBM_INCEPTION_WEIGHTS"
 PARAMS_KEY = "paths.inception_weights"
 
@@ -102,8 +103,10 @@ def locate_weights(path: str | Path | None) -> tuple[bool, str]:
                        f"*_refclf stand-in (a recorded fallback). {_how_to_supply()}")
 
 
-def load_inception(weights: str | Path, device: torch.device | str = "cpu") -> FeatureExtractorInceptionV3:
+def load_inception(weights: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """torch-fidelity's Inception-v3 with the given weights, eval mode, returning (pool3, logits_unbiased)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     try:
         net = FeatureExtractorInceptionV3(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
