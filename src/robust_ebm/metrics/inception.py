@@ -35,6 +35,15 @@ WEIGHTS_ENV = "ROBUST_EBM_INCEPTION_WEIGHTS"
 PARAMS_KEY = "paths.inception_weights"
 
 
+def __getattr__(name: str):
+    """`FeatureExtractorInceptionV3`, torch-fidelity's class, imported on first use (with it torchvision)."""
+    if name == "FeatureExtractorInceptionV3":
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        return FeatureExtractorInceptionV3
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class InceptionWeightsUnavailable(RuntimeError):
     """The Inception weights file is neither given, cached, nor downloadable."""
 
@@ -105,10 +114,8 @@ def locate_weights(path: str | Path | None) -> tuple[bool, str]:
 
 def load_inception(weights: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """torch-fidelity's Inception-v3 with the given weights, eval mode, returning (pool3, logits_unbiased)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     try:
-        net = FeatureExtractorInceptionV3(
+        net = __getattr__("FeatureExtractorInceptionV3")(
             "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
         )
     except RuntimeError as err:  # load_state_dict key/shape mismatch
