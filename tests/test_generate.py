@@ -1,8 +1,9 @@
 """Generation stage: every generator's images, labels and counts; Eq.17 descends E(x,y); targeted PGD; resume."""
 
+import functools
 import json
 import os
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 import robust_ebm.generate as gen_mod
 from robust_ebm.attacks import AttackConfig
-from robust_ebm.config import GenerationConfig, GeneratorSpec
+from robust_ebm.config import DatasetConfig, GenerationConfig, GeneratorSpec, RunConfig, load_params
 from robust_ebm.data import Splits, TensorSplit, class_stats
 from robust_ebm.energy import joint_energy
 from robust_ebm.generate import class_labels, generate_stage, init_inputs, langevin_samples, targeted_pgd_samples
@@ -124,6 +125,12 @@ GENERATORS = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def smoke_run() -> RunConfig:
+    """The smoke profile's run from the repository's params.yaml (supplies the sections generate ignores)."""
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml").profile_config("smoke").run("digits", "jem", 0)
+
+
 @pytest.fixture
 def stage(trained, tmp_path, monkeypatch):
     model, cfg, x, y, stats = trained
@@ -131,10 +138,11 @@ def stage(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(gen_mod, "load_prepared", lambda d: (Splits(split, split, split, ["a", "b", "c"]), stats))
     model_dir = tmp_path / "model"
     save_classifier(model_dir / "model.pt", model, cfg, {"buffer": "replay_buffer.pt"})
-    run = SimpleNamespace(generation=GenerationConfig(n_per_class=4, batch_size=5, generators=GENERATORS),
-                          method_name="jem", seed=0, device="cpu", model=cfg, dataset_name="synthetic",
-                          dataset=SimpleNamespace(num_classes=model.num_classes, channels=model.in_channels,
-                                                  image_size=model.image_size))
+    dataset = DatasetConfig(source="imagefolder", num_classes=model.num_classes, channels=model.in_channels,
+                            image_size=model.image_size, n_valid=0)
+    run = smoke_run().model_copy(update=dict(
+        generation=GenerationConfig(n_per_class=4, batch_size=5, generators=GENERATORS), method_name="jem", seed=0,
+        device="cpu", model=cfg, dataset_name="synthetic", dataset=dataset))
     return run, model_dir, tmp_path / "samples", x[:7]
 
 
@@ -188,3 +196,16 @@ def test_generate_stage_is_atomic_and_skips_finished_generators(stage, monkeypat
     third = generate_stage(run, model_dir, model_dir / "model.pt", out)
     assert third["generators"]["jeat_eq16"]["status"] == "ok"
     assert len(np.load(out / "jeat_eq16.npz")["labels"]) == K * 4
+
+
+def test_samples_of_other_settings_are_not_kept(stage):
+    """generate.json's settings key is the generate job's Snakemake trigger (plan.run_settings_digest): a
+    data set setting counts, where the data set's files live does not."""
+    run, model_dir, out, _ = stage
+    generate_stage(run, model_dir, model_dir / "model.pt", out)
+    moved = run.model_copy(update={"dataset": run.dataset.model_copy(update={"root": "/elsewhere"})})
+    kept = generate_stage(moved, model_dir, model_dir / "model.pt", out)
+    assert kept["generators"]["jeat_eq17"]["status"].startswith("ok (found on disk")
+    other = run.model_copy(update={"dataset": run.dataset.model_copy(update={"split_seed": 1})})
+    again = generate_stage(other, model_dir, model_dir / "model.pt", out)
+    assert again["generators"]["jeat_eq17"]["status"] == "ok"

@@ -21,7 +21,7 @@ from robust_ebm.config import ScheduleConfig, load_params
 from robust_ebm.data import TensorSplit
 from robust_ebm.methods import Batch, build_method
 from robust_ebm.optim import LRSchedule
-from robust_ebm.train import Streams
+from robust_ebm.streams import Streams
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = load_params(REPO / "params.yaml").profile_config("paper")

@@ -29,8 +29,9 @@ from helpers import sigkill_when
 from repo_copy import ROOT, copy_checkout, hermetic_env, parse_dry_run, snakemake
 from robust_ebm import methods, plan, tracking
 from robust_ebm.data import class_stats
+from robust_ebm.divergence import TrainingDiverged
 from robust_ebm.models import ModelConfig, load_classifier
-from robust_ebm.train import TrainingDiverged, train_splits
+from robust_ebm.train import train_splits
 
 PROFILE = "smoke"
 TARGET = f"results/{PROFILE}/tables"

@@ -14,11 +14,12 @@ from robust_ebm import methods
 from robust_ebm.attacks import AttackConfig
 from robust_ebm.checkpoint import load_checkpoint
 from robust_ebm.data import Splits, TensorSplit
+from robust_ebm.divergence import TrainingDiverged
 from robust_ebm.dynamics import columns as dynamics_columns
 from robust_ebm.config import DatasetConfig, MethodConfig, RunConfig, TrainingConfig, load_params
 from robust_ebm.methods.standard import Standard
 from robust_ebm.models import ModelConfig, load_classifier
-from robust_ebm.train import Trainer, TrainingDiverged, train_splits
+from robust_ebm.train import Trainer, train_splits
 
 OUTPUTS = ("model.pt", "checkpoint.pt", "train.json", "dynamics.json")
 

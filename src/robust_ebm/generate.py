@@ -359,12 +359,10 @@ def _file_digest(path: Path | None) -> str | None:
 
 
 def resume_key(run, data_dir, model_path, buffer_path) -> dict:
-    """What finished generators on disk were made from; they are kept only while it is unchanged."""
+    """What finished generators on disk were made from; they are kept only while it is unchanged.
+    settings: plan.run_settings_digest, the generate job's Snakemake rerun trigger."""
     data_dir = Path(data_dir)
-    settings = {k: getattr(run, k, None) for k in ("method_name", "seed", "device", "model", "generation")}
-    text = json.dumps(settings, sort_keys=True,
-                      default=lambda v: v.model_dump(mode="json") if hasattr(v, "model_dump") else repr(v))
-    return {"code": plan.code_digest("generate"), "settings": hashlib.sha256(text.encode()).hexdigest()[:16],
+    return {"code": plan.code_digest("generate"), "settings": plan.run_settings_digest(run, "generate"),
             "model": _file_digest(model_path), "buffer": _file_digest(buffer_path),
             "data": [_file_digest(data_dir / name) for name in ("splits.pt", "class_stats.pt")]}
 

@@ -367,7 +367,8 @@ def settings_digest(payload: Any) -> str:
 
 def run_settings_digest(run, stage: str) -> str:
     """Digest of the RunConfig fields `stage` reads (RUN_STAGE_SETTINGS): the rerun trigger of a run job
-    (Snakemake `params:`, DVC's settings.json), and the settings part of a resumable job's resume key (train.py)."""
+    (Snakemake `params:`, DVC's settings.json), and the settings part of a resumable job's resume key (resume.py for
+    train, generate.py)."""
     return settings_digest(run_settings(run, stage))
 
 
