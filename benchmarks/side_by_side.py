@@ -288,17 +288,19 @@ class Ours:
         base = prof.models[OUR_MODEL[name]].model_dump()
         self.model = ModelConfig(**(base | {"depth": depth, "width": width}))
         self.name, self.batch, self.threads = name, batch, threads
+        self.channels_last = prof.training.channels_last   # as `robust-ebm train` runs it (params `training:`)
         sampler = self.cfg.sampler.model_dump() if self.cfg.sampler else None
         attack = self.cfg.attack.model_dump() if self.cfg.attack else None
         self.settings = {"loss": self.cfg.loss, "model": self.model.model_dump(), "sampler": sampler, "attack": attack,
-                         "params": self.cfg.params, "optim": self.cfg.optim.model_dump()}
+                         "params": self.cfg.params, "optim": self.cfg.optim.model_dump(),
+                         "channels_last": self.channels_last}
 
     def run(self, steps: int, seed: int) -> tuple[list, list]:
         from robust_ebm.bench import bench_method
 
         torch.set_num_threads(self.threads)
         row = bench_method(self.name, self.cfg, self.model, batch=self.batch, device=torch.device("cpu"), steps=steps,
-                           warmup=1, precision="fp32", seed=seed)
+                           warmup=1, precision="fp32", seed=seed, channels_last=self.channels_last)
         return row["step_ms"], row["step_cpu_ms"]
 
 
