@@ -327,7 +327,7 @@ def test_generate_samples_from_a_torchvision_model(tmp_path, monkeypatch, torchv
     """SGLD (Eq.17), JEM++'s PYLD (through the identity stem) and targeted PGD run on a wrapped torchvision net."""
     import robust_ebm.generate as gen_mod
     from robust_ebm.config import GenerationConfig
-    from robust_ebm.data import Splits, TensorSplit, class_stats
+    from robust_ebm.data import DatasetConfig, Splits, TensorSplit, class_stats
     from robust_ebm.generate import generate_stage
 
     x_u8 = _images(16)
@@ -343,8 +343,12 @@ def test_generate_samples_from_a_torchvision_model(tmp_path, monkeypatch, torchv
         "pgd": {"kind": "targeted_pgd", "init": "gaussian",
                 "attack": {"norm": "l2", "eps": 2.0, "step": 0.5, "steps": 2, "random_start": "none",
                            "objective": "ce", "targeted": True}}}
-    run = _run()
-    run.generation = GenerationConfig(n_per_class=2, batch_size=8, generators=generators)
+    from test_generate import smoke_run  # generate keys its resume on the run's settings digest: a real RunConfig
+
+    dataset = DatasetConfig(source="imagefolder", num_classes=CLASSES, channels=3, image_size=SIZE, n_valid=0)
+    run = smoke_run().model_copy(update=dict(
+        generation=GenerationConfig(n_per_class=2, batch_size=8, generators=generators), method_name="standard",
+        seed=0, device="cpu", model=_run().model, dataset_name="cifar10", dataset=dataset))
     report = generate_stage(run, tmp_path, path, tmp_path / "samples", source=ModelSource(arch="torchvision:resnet18"))
     for name in generators:
         assert report["generators"][name]["status"] == "ok", name
