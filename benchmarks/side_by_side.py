@@ -63,7 +63,7 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402,F401
 import tqdm  # noqa: E402,F401
 
-from golden.common import Reference, stub_module  # noqa: E402
+from golden.common import Reference, patched, stub_module  # noqa: E402
 
 METHODS = ("jem", "jempp", "sadajem", "trades", "ebjdat_jem")
 REPO = {"jem": "wgrathwohl/JEM", "jempp": "sndnyang/JEMPP", "sadajem": "sndnyang/SADAJEM",
@@ -95,22 +95,6 @@ def _intervals(marks: list) -> tuple[list, list]:
     wall = [1000 * (b[0] - a[0]) for a, b in zip(marks, marks[1:])]
     cpu = [1000 * (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
     return wall, cpu
-
-
-@contextlib.contextmanager
-def _patched(obj, **attrs):
-    missing = object()
-    old = {k: getattr(obj, k, missing) for k in attrs}
-    for k, v in attrs.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is missing:
-                delattr(obj, k)
-            else:
-                setattr(obj, k, v)
 
 
 def _sym_batch(n: int, g: torch.Generator):
@@ -216,7 +200,7 @@ class RefMain:
         stdout = sys.stdout
         torch.set_num_threads(self.threads)
         try:
-            with _patched(m, **patches), _patched(torch.optim, **optim_patches), _chdir(self.workdir):
+            with patched(m, **patches), patched(torch.optim, **optim_patches), _chdir(self.workdir):
                 m.main(self.args)
         except _Stop:
             pass
@@ -250,7 +234,7 @@ class RefTrades:
         batches = [(torch.rand((self.batch, 3, 32, 32), generator=g), torch.randint(10, (self.batch,), generator=g))
                    for _ in range(steps + 1)]
         marks = []
-        with _patched(torch.Tensor, cuda=lambda self, *a, **k: self):
+        with patched(torch.Tensor, cuda=lambda self, *a, **k: self):
             model.train()
             for data, target in batches:                  # train_trades_cifar10.py:73-89
                 optimizer.zero_grad()

@@ -104,6 +104,24 @@ def stub_module(name: str, **attrs) -> types.ModuleType:
 
 
 @contextlib.contextmanager
+def patched(obj, **attrs):
+    """Set attributes of a reference module (its `args` global, a stubbed `F`) for the block, then restore
+    them (or delete the ones it did not have: `args` is a global only under __main__)."""
+    missing = object()
+    old = {k: getattr(obj, k, missing) for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is missing:
+                delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+
+
+@contextlib.contextmanager
 def float64():
     """Default dtype float64 inside the block (reference modules build their layers in it)."""
     old = torch.get_default_dtype()

@@ -15,7 +15,6 @@ Every reference function runs as released, in float64 on the CPU, with these min
 
 from __future__ import annotations
 
-import contextlib
 import types
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torchvision  # noqa: F401
 import tqdm  # noqa: F401
 
 from golden import nets
-from golden.common import float64, save_fixture, stub_module
+from golden.common import float64, patched, save_fixture, stub_module
 
 from robust_ebm import reference_weights
 
@@ -42,22 +41,6 @@ def _global_pool_functional():
     ns = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
     ns.avg_pool2d = lambda out, kernel: F.adaptive_avg_pool2d(out, 1)
     return ns
-
-
-@contextlib.contextmanager
-def _patched(module, **attrs):
-    missing = object()
-    old = {k: getattr(module, k, missing) for k in attrs}   # `args` is a global only under __main__
-    for k, v in attrs.items():
-        setattr(module, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is missing:
-                delattr(module, k)
-            else:
-                setattr(module, k, v)
 
 
 # ---------------------------------------------------------------- architectures
@@ -98,7 +81,7 @@ def _arch_fixture(name, ref, relpath, function, cfg, layout, build_ref, ref_inpu
             reference.load_state_dict(ref_state, strict=True)   # fresh running statistics
             reference.train(mode == "train")
             captured, handles = nets.capture(ref_blocks(reference))
-            with torch.no_grad(), _patched(ref_pool_module, F=_global_pool_functional()):
+            with torch.no_grad(), patched(ref_pool_module, F=_global_pool_functional()):
                 logits = ref_logits(reference, ref_input(x_small))
             for h in handles:
                 h.remove()
@@ -255,8 +238,8 @@ def generate_jem_step(refs) -> Path:
                                      n_steps=inputs["steps"])
         replay = _sym(inputs["buffer"]).clone()
         rng = _rng_for(inputs)
-        with _patched(mod, t=rng, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
-                _patched(mod.wideresnet, F=_global_pool_functional()):
+        with patched(mod, t=rng, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
+                patched(mod.wideresnet, F=_global_pool_functional()):
             x_q = mod.get_sample_q(args, "cpu")(f, replay)
             rng.assert_used()
             fp, fq = f(_sym(inputs["x_px"])).mean(), f(x_q).mean()       # main(): lines 321-330
@@ -290,8 +273,8 @@ def generate_jempp_step(refs) -> Path:
                                      sgld_std=0.0, device="cpu")
         replay = _sym(inputs["buffer"]).clone()
         rng = _rng_for(inputs)
-        with _patched(mod, t=rng, args=args, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
-                _patched(models["wideresnet_yopo"], F=_global_pool_functional()):
+        with patched(mod, t=rng, args=args, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
+                patched(models["wideresnet_yopo"], F=_global_pool_functional()):
             fp = f(_sym(inputs["x_px"])).mean()                          # plc alltrain1: before sampling
             x_q = mod.sample_q(f, replay, n_steps=inputs["steps"], in_steps=5, args=args)
             rng.assert_used()
@@ -333,8 +316,8 @@ def generate_sadajem_step(refs) -> Path:
         replay = _sym(inputs["buffer"]).clone()
         rng = _rng_for(inputs)
         x_px, x_lab = _sym(inputs["x_px"]), _sym(inputs["x"])
-        with _patched(mod, t=rng, args=args, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
-                _patched(models["wideresnet"], F=_global_pool_functional()):
+        with patched(mod, t=rng, args=args, init_random=lambda a, bs: _sym(inputs["fresh"]).clone()), \
+                patched(models["wideresnet"], F=_global_pool_functional()):
             mod.enable_running_stats(f)                                  # main() lines 201-262, transcribed
             fp = f(x_px).mean()
             x_q = mod.sample_q(f, replay, n_steps=inputs["steps"], args=args)
@@ -408,7 +391,7 @@ def generate_informative_init(refs) -> Path:
         args = types.SimpleNamespace(dataset="cifar10", n_classes=k, buffer_size=2 * k, device="cpu")
         x_sym = _sym(images.double() / 255)
         loader = [(x_sym[:7], labels[:7]), (x_sym[7:], labels[7:])]       # dload_train: [-1,1] batches
-        with _patched(mod, t=files, conditionals=[]):
+        with patched(mod, t=files, conditionals=[]):
             mod.category_mean(loader, args)
             buffer = mod.init_from_centers(args)
             jempp_record = _conditionals_record(mod.conditionals, p)
@@ -416,7 +399,7 @@ def generate_informative_init(refs) -> Path:
         version = torch.__version__.split(".")[1]
         sfiles = _Files()
         sfiles.files = {f"{name}": v for name, v in files.files.items()}   # the same statistics files
-        with _patched(smod, t=sfiles, conditionals=[]):
+        with patched(smod, t=sfiles, conditionals=[]):
             smod.init_from_centers(args)
             sada_record = _conditionals_record(smod.conditionals, p)
     same = max((jempp_record[key] - sada_record[key]).abs().max().item() for key in jempp_record)
