@@ -347,12 +347,10 @@ def _git_head(path: Path) -> str | None:
 
 
 def machine() -> dict:
-    cpu = None
-    with contextlib.suppress(OSError):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), None)
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": str(torch.__version__), "loadavg": os.getloadavg()}
+    """robust_ebm.digest.machine (CPU, cores, Python, torch, GPU), plus the host and its load."""
+    from robust_ebm.digest import machine as project_machine
+
+    return project_machine() | {"host": platform.node(), "loadavg": os.getloadavg()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
