@@ -17,6 +17,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from robust_ebm import jobserver
 from robust_ebm.config import ConfigError, load_params
 from robust_ebm.plan import Plan
 
@@ -68,3 +69,18 @@ rule all:
     default_target: True
     input:
         f"{RESULTS}/tables",
+
+
+# One warm `robust-ebm serve` process per workflow run: the jobs' `robust-ebm` commands run in
+# children it forks, instead of each importing torch and MLflow (robust_ebm.jobserver).
+# ROBUST_EBM_JOBSERVER=off before snakemake runs every job in its own process.
+JOB_SERVER = []  # the server onstart started (none when off or not on Linux)
+
+onstart:
+    JOB_SERVER.append(jobserver.start())
+
+onsuccess:
+    jobserver.stop(JOB_SERVER)
+
+onerror:
+    jobserver.stop(JOB_SERVER)

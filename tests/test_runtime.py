@@ -34,6 +34,14 @@ def test_atomic_torch_save_round_trip(tmp_path):
     assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True)["w"], state["w"])
 
 
+def test_atomic_torch_save_gives_the_same_bytes_for_the_same_object(tmp_path):
+    """data.json's splits_sha256 (and any file hash) must not depend on the temporary file's name."""
+    state = {"w": torch.arange(4.0)}
+    atomic_torch_save(state, tmp_path / "a.pt")
+    atomic_torch_save(state, tmp_path / "other_name.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
+
+
 def test_seed_everything_is_reproducible():
     g1 = seed_everything(3)
     a = torch.rand(3), torch.rand(2, generator=g1)

@@ -16,6 +16,8 @@
     robust-ebm settings --profile P --out results/P/settings.json   (DVC's settings step)
     robust-ebm adopt-dvc --profile P                    a finished Snakemake run -> dvc.lock
     robust-ebm dvc-yaml [--out dvc.yaml] [--check]
+    robust-ebm serve    --socket PATH                   a warm job server (robust_ebm.jobserver); with
+                                                        ROBUST_EBM_JOBSERVER=PATH every command runs in it
 
 Heavy libraries (torch, mlflow) are imported inside the subcommands, so
 `--help` is instant. Known user errors (bad params, missing data or Inception
@@ -460,7 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("dvc-yaml", cmd_dvc_yaml, "write dvc.yaml from the job plans of every profile")
     p.add_argument("--out", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="only check that --out is up to date")
+    p = sub.add_parser("serve", help="a warm process that runs every robust-ebm command of this environment "
+                       "(ROBUST_EBM_JOBSERVER=PATH) in a forked child; the Snakefile starts one per workflow run")
+    p.set_defaults(func=cmd_serve)
+    p.add_argument("--socket", required=True, help="Unix socket path to listen on")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--log", default=None)
     return parser
+
+
+def cmd_serve(args) -> None:
+    from .jobserver import serve
+
+    serve(args.socket, run, ready_fd=args.ready_fd)
 
 
 class Terminated(KeyboardInterrupt):
@@ -472,6 +486,23 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`robust-ebm ARGS`: in this process, or in a child of the job server ROBUST_EBM_JOBSERVER names."""
+    from .jobserver import JobServerError, requested, submit
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    socket_path = requested()
+    if socket_path is None or argv[:1] == ["serve"]:
+        return run(argv)
+    try:
+        code = submit(argv, socket_path)
+    except JobServerError as err:
+        print(f"robust-ebm: {err}", file=sys.stderr)
+        return 2
+    return run(argv) if code is None else code
+
+
+def run(argv: list[str]) -> int:
+    """Parse `argv` and run the command here; known user errors become one paragraph and status 2."""
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log", None))
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -116,8 +116,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file, then rename: a killed process never leaves half a file."""
-    return _atomic_replace(Path(path), lambda tmp: torch.save(obj, tmp))
+    """torch.save to a temporary file, then rename: a killed process never leaves half a file.
+    Saved through a file object, so the zip's member names are "archive/..." and not the temporary
+    name: the same object gives the same bytes (and sha256) in every run."""
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            torch.save(obj, file)
+
+    return _atomic_replace(Path(path), save)
 
 
 def _json_default(value: Any) -> Any:
