@@ -78,15 +78,18 @@ def test_without_a_server_on_this_host_the_command_runs_alone(tmp_path):
     assert "no job server" in out.stderr and "running in this process" in out.stderr
 
 
-def test_a_server_of_another_python_is_refused(server, tmp_path):
-    """A job in its own (conda) environment must not run the workflow environment's code."""
-    code = ("import sys; sys.prefix = '/another/environment'; from robust_ebm.cli import main; "
+@pytest.mark.parametrize("key, value", [("environment", "/another/environment"), ("code", "edited since")])
+def test_a_job_the_server_cannot_run_as_it_is_runs_alone(server, tmp_path, key, value):
+    """A job in its own (conda) environment, or after a package file was edited, must not run the
+    server's imported code."""
+    code = ("import sys; import robust_ebm.jobserver as j; real = j._identity; "
+            f"j._identity = lambda: {{**real(), {key!r}: {value!r}}}; from robust_ebm.cli import main; "
             f"sys.exit(main(['check', '--skip-inputs', '--profile', 'smoke', '--params', {str(ROOT / 'params.yaml')!r}]))")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), jobserver.ENV: server.socket_path}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "runs another environment" in out.stderr and "running in this process" in out.stderr
+    assert f"runs another {key}" in out.stderr and "running in this process" in out.stderr
 
 
 def test_off_means_every_command_alone(monkeypatch):

@@ -12,13 +12,16 @@ A child is the same program as a fresh process: same argv, cwd, environment and 
 sets its own seeds, logging and MLflow run as every job does, and takes its thread count from the
 job's OMP_NUM_THREADS. The server itself never opens an MLflow store, initialises CUDA, starts a
 thread or runs a torch operation, since none of those is safe across fork (tests/test_jobserver.py).
-Ctrl-C or SIGTERM to a job is passed on to its child; a job whose client dies is terminated.
+Ctrl-C or SIGTERM to a job is passed on to its child; a job whose client dies is terminated. A job
+from another interpreter or environment, or after a package file changed since the server imported
+it, is refused and runs in its own process (it says so in one line).
 Linux only (fork and SCM_RIGHTS); elsewhere, or with ROBUST_EBM_JOBSERVER=off, every command runs in
 its own process as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -96,9 +99,13 @@ def _expect(reader, word: str) -> str:
 
 
 def _identity() -> dict:
-    """What must be equal in client and server for a child to run the client's code."""
-    return {"executable": os.path.realpath(sys.executable), "environment": sys.prefix,
-            "package": str(Path(__file__).resolve().parent)}
+    """What must be equal in client and server for a child to run the client's code: the interpreter,
+    the environment, the package, and its source files as they are now (a file edited after the
+    server imported it would otherwise run in its old version)."""
+    package = Path(__file__).resolve().parent
+    stamps = sorted((str(p.relative_to(package)), p.stat().st_mtime_ns, p.stat().st_size) for p in package.rglob("*.py"))
+    return {"executable": os.path.realpath(sys.executable), "environment": sys.prefix, "package": str(package),
+            "code": hashlib.sha256(repr(stamps).encode()).hexdigest()}
 
 
 def _kill(pid: int, signum: int) -> None:
@@ -118,6 +125,7 @@ def serve(socket_path: str, command, *, ready_fd: int | None = None) -> None:
 
     for module in PRELOAD:
         importlib.import_module(module)
+    own = _identity()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(64)
@@ -139,11 +147,11 @@ def serve(socket_path: str, command, *, ready_fd: int | None = None) -> None:
                 continue
             conn.settimeout(None)
             request, fds = _receive(conn)
-            mismatch = [k for k, v in _identity().items() if request.get(k) != v]
+            mismatch = [k for k, v in own.items() if request.get(k) != v]
             if mismatch:
                 for fd in fds:
                     os.close(fd)
-                conn.sendall(f"refused runs another {' and '.join(mismatch)} ({_identity()})\n".encode())
+                conn.sendall(f"refused runs another {' and '.join(mismatch)} ({own})\n".encode())
                 conn.close()
                 continue
             sys.stdout.flush()
