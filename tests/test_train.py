@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import sigkill_when
-from robust_ebm import methods
+from robust_ebm import methods, plan
 from robust_ebm.attacks import AttackConfig
 from robust_ebm.checkpoint import load_checkpoint
 from robust_ebm.data import Splits, TensorSplit
@@ -137,6 +137,19 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
     assert "afresh" in capsys.readouterr().out and (tmp_path / "stale" / "checkpoint.pt").is_file()
 
 
+def test_run_files_are_named_by_the_plan(tmp_path, monkeypatch):
+    """Train writes (and a fresh start moves aside) the files plan.PATTERNS names, whatever their names."""
+    keys = ("model", "train_json", "dynamics", "checkpoint")
+    for key in keys:
+        monkeypatch.setitem(plan.PATTERNS, key, plan.PATTERNS[key].replace("/s{seed}/", "/s{seed}/renamed_"))
+    names = [Path(plan.PATTERNS[key]).name for key in keys]
+    train_splits(make_run(epochs=1, attack=False), make_splits(), None, tmp_path, max_steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("renamed_")) == sorted(names)
+    assert not any((tmp_path / name).exists() for name in OUTPUTS)
+    train_splits(make_run(epochs=1, attack=False, seed=1), make_splits(), None, tmp_path)  # not resumed: moved aside
+    assert all((tmp_path / "stale" / name).is_file() for name in names)
+
+
 def test_max_steps_then_resume_equals_uninterrupted(tmp_path):
     run, splits = make_run("pgd_at"), make_splits()
     train_splits(run, splits, None, tmp_path / "ref")
@@ -154,7 +167,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_train import make_run, make_splits
-    from robust_ebm import methods
+    from robust_ebm import methods, plan
     from robust_ebm.methods.pgd_at import PGDAT
     from robust_ebm.train import train_splits
 

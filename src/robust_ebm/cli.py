@@ -176,11 +176,12 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .plan import beside
     from .train import train_stage
 
     out = Path(args.out)
     _run_stage(args, "train", lambda run, t: train_stage(run, Path(args.data), out, tracker=t),
-               [out / "train.json"])
+               [beside(out, "model_dir", "train_json")])
 
 
 def _model_source(args):

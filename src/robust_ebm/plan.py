@@ -78,8 +78,10 @@ PATTERNS = {
     "summary": "{results}/{profile}/summary.json",
     "settings": "{results}/{profile}/settings.json",
     # not files of the DAG: train's replay buffer (JEM-family methods only; generate reads it when present,
-    # through model.pt's meta, undeclared) and metrics' cache of Inception reference statistics
+    # through model.pt's meta, undeclared), train's resumable state and metrics' cache of Inception reference
+    # statistics
     "replay_buffer": "{results}/{profile}/models/{dataset}/{method}/s{seed}/replay_buffer.pt",
+    "checkpoint": "{results}/{profile}/models/{dataset}/{method}/s{seed}/checkpoint.pt",
     "inception_cache": "{results}/{profile}/cache/inception",
 }
 PROFILE_DIR = "{results}/{profile}"  # every pattern lies under it: the --results folder of figures, claims, tables
