@@ -21,7 +21,7 @@ from robust_ebm.methods.standard import Standard
 from robust_ebm.models import ModelConfig, load_classifier
 from robust_ebm.train import Trainer, train_splits
 
-OUTPUTS = ("model.pt", "checkpoint.pt", "train.json", "dynamics.json")
+OUTPUTS = ("model.pt", "checkpoint.pt", "train.json", "dynamics.json", "replay_buffer.pt")
 
 
 def make_run(loss="standard", epochs=2, select="last", attack=True, training=None, guard=None, seed=0,
@@ -116,6 +116,9 @@ def test_two_epochs_write_every_output(tmp_path, capsys):
     assert meta["epoch"] == 2 and meta["select_rule"] == "last" and meta["method"] == "pgd_at"
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")   # weights_only load works
     assert ckpt["progress"]["epoch"] == 2
+    buffer = torch.load(tmp_path / "replay_buffer.pt", weights_only=True)  # PGD-AT draws no samples: zero images
+    assert buffer["images"].shape == (0, 1, 8, 8) and buffer["method"] == "pgd_at" and "pgd_at" in buffer["empty"]
+    assert meta["buffer"] == "replay_buffer.pt"
     assert not tracker.params  # settings are logged where the MLflow run is opened (tracking.open_stage_run)
     assert any("train/ce_adv" in d and "train/loss" in d for _, d in tracker.metrics)
     assert any("val/pgd_acc" in d for _, d in tracker.metrics)
@@ -139,7 +142,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
 
 def test_run_files_are_named_by_the_plan(tmp_path, monkeypatch):
     """Train writes (and a fresh start moves aside) the files plan.PATTERNS names, whatever their names."""
-    keys = ("model", "train_json", "dynamics", "checkpoint")
+    keys = ("model", "train_json", "dynamics", "checkpoint", "replay_buffer")
     for key in keys:
         monkeypatch.setitem(plan.PATTERNS, key, plan.PATTERNS[key].replace("/s{seed}/", "/s{seed}/renamed_"))
     names = [Path(plan.PATTERNS[key]).name for key in keys]

@@ -13,7 +13,9 @@ Each generator in params (`generation.generators`) is one of three kinds
     targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then robustness's
                   targeted L2 PGD on CE keeping each image's best (lowest-CE) iterate, `robustness_targeted_l2`
                   (recalled settings ε 30, step 0.5, 60 steps [R])
-    buffer        `buffer_samples`: the JEM-family replay buffer saved beside the checkpoint
+    buffer        `buffer_samples`: the replay buffer train saves beside model.pt (plan.PATTERNS["replay_buffer"],
+                  a declared input); a run whose method keeps none has zero images there, and a buffer
+                  generator on it is a configuration error (`check_buffer`)
 
 Inits (`sampling.initialise`, inputs from `init_inputs`): uniform, gaussian (class Gaussian),
 pca (WEAT class PCA), data (training images) and noisy_data (WEAT's noise injection: a test
@@ -50,6 +52,7 @@ from tqdm.auto import tqdm
 
 from . import plan
 from .attacks import AttackConfig
+from .config import ConfigError
 from .data import load_prepared
 from .files import BadFileError, load_torch
 from .inference import batched_outputs
@@ -212,13 +215,34 @@ def find_buffer(model_path: Path, meta: dict) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, device=torch.device("cpu")) -> tuple[Tensor, Tensor]:
-    """Images of a saved replay buffer ({"images": float [0,1] (N,C,H,W), optional "labels"}); predictions label the rest."""
+def load_buffer(path: Path) -> dict:
+    """A saved replay buffer: {"images": float [0,1] (N,C,H,W), optional "labels"; train's also "method" and
+    "empty" (why N is 0)}; BadFileError when it is none."""
     state = load_torch(path, fix=BUFFER_FIX)
     images = state.get("images") if isinstance(state, dict) else None
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"{path} is not a replay buffer: expected a dict with 'images' of shape (N,C,H,W)")
-    images = images.float().clamp(0, 1)
+        raise BadFileError(f"{path} is not a replay buffer (a dict with 'images' of shape (N,C,H,W)); {BUFFER_FIX}")
+    return state
+
+
+def check_buffer(generators: list[str], method: str, path: Path) -> int:
+    """The number of images in the replay buffer that the `buffer` generators draw; ConfigError naming the method
+    and the fix when it has none (a method without SGLD samples: its training writes an empty buffer)."""
+    state = load_buffer(path)
+    if len(state["images"]) == 0:
+        why = state.get("empty") or "it holds zero images"
+        names = ", ".join(f"'{g}'" for g in generators)
+        raise ConfigError(f"generator {names} (kind buffer) reads the replay buffer of method '{method}', which is "
+                          f"empty ({path}: {why}); for this method use a generator of kind sgld instead (e.g. init "
+                          f"uniform, sampler energy marginal: JEM's p(x) sampling), i.e. leave '{method}' out of "
+                          f"`methods` of {names} in params.yaml generation.generators")
+    return len(state["images"])
+
+
+def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, device=torch.device("cpu")) -> tuple[Tensor, Tensor]:
+    """Images of a saved replay buffer (`load_buffer`); predictions label those saved without labels."""
+    state = load_buffer(path)
+    images = state["images"].float().clamp(0, 1)
     labels = state.get("labels")
     if labels is None:
         (labels,) = batched_outputs(model, lambda xb: _predict(model, xb.to(device)), images, batch_size=batch_size,
@@ -298,8 +322,12 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
     num_classes = int(getattr(model, "num_classes", int(splits.test.labels.max()) + 1))
     labels = class_labels(num_classes, gen_cfg.n_per_class)
 
+    buffer_path = find_buffer(model_path, meta)
+    buffer_generators = [name for name, spec in chosen.items() if spec.kind == "buffer"]
+    if buffer_generators and buffer_path is not None:  # before any work: an empty buffer is a settings error
+        buffer_length = check_buffer(buffer_generators, method, buffer_path)
     json_path = out_dir / "generate.json"
-    key = resume_key(run, data_dir, model_path, find_buffer(model_path, meta))
+    key = resume_key(run, data_dir, model_path, buffer_path)
     _forget_stale(out_dir, json_path, key)
     report = {"method": method, "model_path": str(model_path), "seed": run.seed, "n_per_class": gen_cfg.n_per_class,
               "num_classes": num_classes, "generators": {}, "fallbacks": fallbacks, "resume_key": key}
@@ -310,12 +338,11 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
                   "noise_std": spec.noise_std if spec.init == "noisy_data" else None,
                   "sampler": spec.sampler.model_dump(mode="json") if spec.sampler else None,
                   "attack": spec.attack.model_dump(mode="json") if spec.attack else None}
-        buffer_path = find_buffer(model_path, meta) if spec.kind == "buffer" else None
         if spec.kind == "buffer" and buffer_path is None:
             report["generators"][name] = {**record, "status": f"skipped: no replay buffer beside {model_path.name} "
-                                          f"(method '{method}' saved none; JEM-family training writes {BUFFER_FILE})", "count": 0}
+                                          f"(a model trained elsewhere; the train stage writes {BUFFER_FILE})", "count": 0}
             continue
-        expected = len(labels) if spec.kind != "buffer" else _buffer_length(buffer_path)
+        expected = len(labels) if spec.kind != "buffer" else buffer_length
         if _finished(npz, expected) and grid.is_file():
             earlier = _previous(json_path, name, {**record, "count": expected})
             report["generators"][name] = {**earlier, "status": "ok (found on disk, not rerun)"}
@@ -387,13 +414,6 @@ def _forget_stale(out_dir: Path, json_path: Path, key: dict) -> None:
 
 
 BUFFER_FIX = "rerun the train stage, which writes it beside model.pt"
-
-
-def _buffer_length(path: Path) -> int:
-    state = load_torch(path, fix=BUFFER_FIX)
-    if not isinstance(state, dict) or not isinstance(state.get("images"), Tensor):
-        raise BadFileError(f"{path} is not a replay buffer (a dict with 'images'); {BUFFER_FIX}")
-    return len(state["images"])
 
 
 def _previous(json_path: Path, name: str, fallback: dict) -> dict:

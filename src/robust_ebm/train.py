@@ -30,8 +30,8 @@ would blur exactly that signal, and AMP for SGLD is untested (anchors.md §17).
 On the CPU 'auto' is fp32.
 
 Outputs in out_dir, named by plan.PATTERNS (`Trainer.file`): model.pt (selected weights,
-models.save_classifier), checkpoint.pt (full state), replay_buffer.pt (sampler methods), train.json,
-dynamics.json; and grids/epoch_NNNN.png (replay-buffer grids, progress.py).
+models.save_classifier), checkpoint.pt (full state), replay_buffer.pt (every run: the SGLD samples of a
+sampler method, zero images otherwise; `Trainer.buffer_file`), train.json, dynamics.json; and grids/epoch_NNNN.png (replay-buffer grids, progress.py).
 """
 
 from __future__ import annotations
@@ -304,6 +304,16 @@ class Trainer:
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     # ---- outputs
+    def buffer_file(self) -> dict:
+        """replay_buffer.pt: {"images": float [0,1] (N,C,H,W), "labels": None, "method", "empty": None or why}.
+        A method without samples (no SGLD sampler, or no buffer) writes (0,C,H,W) images and says so."""
+        samples = self.method.samples()
+        if samples is not None:
+            return {"images": samples.detach().float().clamp(0, 1).cpu(), "labels": None,
+                    "method": self.run.method_name, "empty": None}
+        return {"images": torch.zeros((0, *self.image_shape)), "labels": None, "method": self.run.method_name,
+                "empty": f"method '{self.run.method_name}' keeps no replay buffer (it draws no SGLD samples in training)"}
+
     def finish(self, complete: bool) -> dict:
         """Write model.pt, replay_buffer.pt, train.json and dynamics.json; return the train.json dict."""
         p = self.progress
@@ -313,11 +323,9 @@ class Trainer:
         else:
             selected = p["epoch"]
         meta = model_meta(self.run, self.method.needs_px_stream, p, selected, complete)
-        samples = self.method.samples()
         model_path, buffer_path = self.file("model"), self.file("replay_buffer")
-        if samples is not None:
-            atomic_torch_save({"images": samples.detach().float().clamp(0, 1).cpu(), "labels": None}, buffer_path)
-            meta["buffer"] = os.path.relpath(buffer_path, model_path.parent)
+        atomic_torch_save(self.buffer_file(), buffer_path)
+        meta["buffer"] = os.path.relpath(buffer_path, model_path.parent)
         save_classifier(model_path, self.model, self.run.model, meta)
         summary = train_record(self.run, p, selected, complete, precision=self.precision, device=self.device,
                                fallbacks=self.fallbacks)
