@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import robust_ebm.generate as gen_mod
+from robust_ebm import samples_file
 from robust_ebm.attacks import AttackConfig
 from robust_ebm.config import ConfigError, DatasetConfig, GenerationConfig, GeneratorSpec, RunConfig, load_params
 from robust_ebm.data import Splits, TensorSplit, class_stats
@@ -170,6 +171,10 @@ def test_each_generator_writes_images_in_range_with_labels_and_count(stage):
     assert "logits" not in np.load(out / "jeat_eq17.npz").files
     records = json.loads((out / "generate.json").read_text())["generators"]
     assert records["jeat_eq17"]["sampler"]["coupled"] is True
+    produced = samples_file.produced(out, fix="rerun")  # what metrics and figures read: every generator's arrays
+    assert set(produced) == set(report["generators"])
+    for name, (_, npz) in produced.items():
+        assert all(np.array_equal(v, np.load(out / f"{name}.npz")[k]) for k, v in samples_file.read(npz, fix="").items())
     assert records["weat_noisy"]["noise_std"] == pytest.approx(8 / 255) and records["jeat_eq17"]["noise_std"] is None
 
 

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from . import plan
+from . import plan, samples_file
 from .runtime import atomic_write_json, atomic_write_text
 
 # The README table: (header, stage, dotted path into that stage's JSON, scale). {gen} is each generator.
@@ -79,7 +79,7 @@ def run_record(results_dir: Path, dataset: str, method: str, seed: int) -> dict 
 def _stage_json(results_dir: Path, key: str, dataset: str, method: str, seed: int) -> Path:
     """The JSON a stage wrote, from the plan's pattern (results_dir is results/<profile>)."""
     path = plan.profile_path(key, results_dir, dataset=dataset, method=method, seed=seed)
-    return path / "generate.json" if key == "samples" else path
+    return samples_file.index_path(path) if key == "samples" else path
 
 
 def _without_energies(record):

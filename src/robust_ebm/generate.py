@@ -23,9 +23,9 @@ image of the class + N(0, noise_std^2), clamped; the only init that reads the te
 
 Conditional generators label each image with its class; unconditional ones
 (energy marginal, and buffers saved without labels) with the model's
-prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W), labels int64; buffers also
-`logits` float32 (N,K) of the float images, for the papers' top-confident IS/FID protocol),
-`<name>_grid.png` (one row per class) and `generate.json`.
+prediction. Outputs in `out_dir` (samples_file.py, their one writer and reader): `<name>.npz` (images uint8
+(N,C,H,W), labels int64; buffers also `logits` float32 (N,K) of the float images, for the papers'
+top-confident IS/FID protocol), `<name>_grid.png` (one row per class) and the index `generate.json`.
 
 A rerun into the same `out_dir` keeps the generators already finished there
 only when generate.json's `resume_key` (code of this stage's import closure,
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import plan
+from . import plan, samples_file
 from .attacks import AttackConfig
 from .config import ConfigError
 from .data import load_prepared
@@ -58,7 +58,7 @@ from .files import BadFileError, load_torch
 from .inference import batched_outputs
 from .model_sources import is_model_available
 from .models import load_for_run
-from .runtime import atomic_write_bytes, atomic_write_json, model_mode, pick_device
+from .runtime import atomic_write_bytes, model_mode, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 
 BUFFER_FILE = Path(plan.PATTERNS["replay_buffer"]).name  # train writes it beside model.pt
@@ -265,12 +265,6 @@ def sample_logits(model: nn.Module, images: Tensor, *, batch_size: int = 100, de
     return batched_outputs(model, lambda xb: model(xb.to(device)).float(), images, batch_size=batch_size, desc=None)[0]
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, images=images, labels=labels.astype(np.int64), **extra)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, columns: int = GRID_COLUMNS) -> None:
     """PNG with one row per class: its first `columns` images, black where a class has fewer; 2-pixel black
     borders, grey images as RGB (the layout of torchvision's make_grid(padding=2), which is not imported:
@@ -284,16 +278,6 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: i
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def _finished(path: Path, count: int | None) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path) as done:
-            return len(done["labels"]) == count and len(done["images"]) == count
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -326,14 +310,15 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
     buffer_generators = [name for name, spec in chosen.items() if spec.kind == "buffer"]
     if buffer_generators and buffer_path is not None:  # before any work: an empty buffer is a settings error
         buffer_length = check_buffer(buffer_generators, method, buffer_path)
-    json_path = out_dir / "generate.json"
+    json_path = samples_file.index_path(out_dir)
     key = resume_key(run, data_dir, model_path, buffer_path)
     _forget_stale(out_dir, json_path, key)
     report = {"method": method, "model_path": str(model_path), "seed": run.seed, "n_per_class": gen_cfg.n_per_class,
               "num_classes": num_classes, "generators": {}, "fallbacks": fallbacks, "resume_key": key}
     for name, spec in chosen.items():
-        npz, grid = out_dir / f"{name}.npz", out_dir / f"{name}_grid.png"
-        record = {"kind": spec.kind, "init": spec.init, "files": {"npz": npz.name, "grid": grid.name},
+        files = samples_file.file_names(name)
+        npz, grid = out_dir / files["npz"], out_dir / files["grid"]
+        record = {"kind": spec.kind, "init": spec.init, "files": files,
                   "pca": {"fraction": spec.pca_fraction, "sigma": spec.pca_sigma} if spec.init == "pca" else None,
                   "noise_std": spec.noise_std if spec.init == "noisy_data" else None,
                   "sampler": spec.sampler.model_dump(mode="json") if spec.sampler else None,
@@ -343,7 +328,7 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
                                           f"(a model trained elsewhere; the train stage writes {BUFFER_FILE})", "count": 0}
             continue
         expected = len(labels) if spec.kind != "buffer" else buffer_length
-        if _finished(npz, expected) and grid.is_file():
+        if samples_file.count(npz) == expected and grid.is_file():
             earlier = _previous(json_path, name, {**record, "count": expected})
             report["generators"][name] = {**earlier, "status": "ok (found on disk, not rerun)"}
             continue
@@ -361,15 +346,15 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
             record["buffer_path"] = str(buffer_path)
             extra["logits"] = sample_logits(model, images, batch_size=gen_cfg.batch_size, device=device).numpy()
         as_uint8, ys = to_uint8(images), ys.numpy()
-        save_npz(npz, as_uint8, ys, **extra)
+        samples_file.write(npz, as_uint8, ys, **extra)
         save_grid(grid, as_uint8, ys, num_classes)
         record.update(status="ok", count=len(ys), seconds=round(time.time() - t0, 3),
                       class_counts=np.bincount(ys, minlength=num_classes).tolist())
         report["generators"][name] = record
-        atomic_write_json(json_path, report)  # progress survives a crash in the next generator
+        samples_file.write_index(out_dir, report)  # progress survives a crash in the next generator
         if tracker is not None:  # one image series per generator, the same key for every method
             tracker.log_image(grid, f"samples/{name}")
-    atomic_write_json(json_path, report)
+    samples_file.write_index(out_dir, report)
     if tracker is not None:
         tracker.log_metrics({f"generate/{n}_seconds": r["seconds"] for n, r in report["generators"].items() if r.get("seconds")})
     return report
@@ -400,7 +385,7 @@ def _forget_stale(out_dir: Path, json_path: Path, key: dict) -> None:
         earlier = json.loads(json_path.read_text())
     except (OSError, ValueError):
         earlier = None
-    if earlier is None and not any(out_dir.glob("*.npz")):
+    if earlier is None and not any(out_dir.glob(samples_file.file_names("*")["npz"])):
         return
     old = (earlier or {}).get("resume_key")
     if old == key:
@@ -409,7 +394,8 @@ def _forget_stale(out_dir: Path, json_path: Path, key: dict) -> None:
     log.info("not reusing the samples in %s: %s changed since they were made; deleting them", out_dir,
              ", ".join(changed) if isinstance(old, dict) else "their resume key is missing")
     names = {f for r in ((earlier or {}).get("generators") or {}).values() for f in (r.get("files") or {}).values()}
-    for path in [*(out_dir / n for n in names), *out_dir.glob("*.npz"), *out_dir.glob("*_grid.png"), json_path]:
+    patterns = samples_file.file_names("*").values()  # every generator's files, those of no record too
+    for path in [*(out_dir / n for n in names), *(p for g in patterns for p in out_dir.glob(g)), json_path]:
         path.unlink(missing_ok=True)
 
 
