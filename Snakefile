@@ -19,7 +19,7 @@ from snakemake.exceptions import WorkflowError
 
 from robust_ebm import jobserver
 from robust_ebm.config import ConfigError, load_params
-from robust_ebm.plan import Plan
+from robust_ebm.plan import OUTPUTS, Plan
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # jobs inherit it; commands stay identical
 if shutil.which("robust-ebm") is None:  # e.g. `.venv/bin/snakemake` run without activating the venv

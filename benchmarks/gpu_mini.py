@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from robust_ebm.config import load_params  # noqa: E402
 from robust_ebm.plan import RUN_STAGES, Job, Plan  # noqa: E402
+from robust_ebm.tracking import git_commit, git_dirty  # noqa: E402
 
 # Most important first (issue 10.4): the three papers' methods and their key baselines, then the JEM family
 # and EB-JDAT, then the cheap baselines.
@@ -279,11 +280,9 @@ class GpuSampler:
 
 def commit_info() -> dict:
     """The commit: from git where .git travelled, else from .gpu/commit.txt (written by gpu_prepare.sh)."""
-    r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode == 0:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return {"commit": r.stdout.strip(), "dirty": bool(dirty), "source": "git"}
+    commit = git_commit(ROOT)
+    if commit:
+        return {"commit": commit, "dirty": bool(git_dirty(ROOT)), "source": "git"}
     stamp = ROOT / ".gpu" / "commit.txt"
     if stamp.exists():
         return {**json.loads(stamp.read_text()), "source": ".gpu/commit.txt (gpu_prepare.sh)"}

@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -338,14 +337,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _git_head(path: Path) -> str | None:
-    try:
-        return subprocess.check_output(["git", "-C", str(path), "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def machine() -> dict:
     """robust_ebm.digest.machine (CPU, cores, Python, torch, GPU), plus the host and its load."""
     from robust_ebm.digest import machine as project_machine
@@ -397,9 +388,11 @@ def main(argv=None) -> dict:
     rows, refs, result = [], {}, {}
 
     def write(rows_now):
+        from robust_ebm.tracking import git_commit
+
         result.clear()
         result.update({"started": started, "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       "project_commit": _git_head(ROOT), "machine": machine(), "loadavg_before": load_before,
+                       "project_commit": git_commit(ROOT), "machine": machine(), "loadavg_before": load_before,
                        "settings": {k: v for k, v in vars(a).items() if k not in ("refs", "out", "params")},
                        "references": dict(refs), "rows": rows_now})
         if a.out:

@@ -10,6 +10,7 @@ from matplotlib.figure import Figure
 
 import robust_ebm.figures as figures
 import robust_ebm.landscape as landscape
+from robust_ebm import samples_file
 from robust_ebm.config import FiguresConfig
 from robust_ebm.energy import joint_energy, marginal_energy
 from robust_ebm.models import ModelConfig, save_classifier
@@ -142,8 +143,11 @@ def results(tmp_path, monkeypatch):
                  sgld_joint=rng.normal(-2, 1, 9), sgld_labels=np.arange(9) % 3)
         samples = r / "samples" / "digits" / method / "s0"
         samples.mkdir(parents=True)
-        np.savez(samples / "sgld.npz", images=torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8).numpy(),
-                 labels=(np.arange(9) % 3).astype(np.int64))
+        samples_file.write(samples / "sgld.npz", torch.randint(0, 256, (9, 1, 8, 8), dtype=torch.uint8).numpy(),
+                           np.arange(9) % 3)
+        samples_file.write_index(samples, {"generators": {  # a skipped generator has no samples to draw
+            "sgld": {"files": samples_file.file_names("sgld"), "count": 9, "status": "ok"},
+            "buffer": {"files": samples_file.file_names("buffer"), "count": 0, "status": "skipped"}}})
     cfg = FiguresConfig.model_validate({"landscape": {"grid": 5, "radius": 0.5, "n_images": 1},
                                         "samples": {"n_per_class": 3}, "nearest": {"n_images": 2, "k": 3}})
     profile = SimpleNamespace(name="smoke", figures=cfg, run_datasets=["digits"], seeds=[0], device="cpu",

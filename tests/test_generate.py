@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import robust_ebm.generate as gen_mod
+from robust_ebm import samples_file
 from robust_ebm.attacks import AttackConfig
-from robust_ebm.config import DatasetConfig, GenerationConfig, GeneratorSpec, RunConfig, load_params
+from robust_ebm.config import ConfigError, DatasetConfig, GenerationConfig, GeneratorSpec, RunConfig, load_params
 from robust_ebm.data import Splits, TensorSplit, class_stats
 from robust_ebm.energy import joint_energy
 from robust_ebm.generate import class_labels, generate_stage, init_inputs, langevin_samples, targeted_pgd_samples
@@ -170,7 +171,22 @@ def test_each_generator_writes_images_in_range_with_labels_and_count(stage):
     assert "logits" not in np.load(out / "jeat_eq17.npz").files
     records = json.loads((out / "generate.json").read_text())["generators"]
     assert records["jeat_eq17"]["sampler"]["coupled"] is True
+    produced = samples_file.produced(out, fix="rerun")  # what metrics and figures read: every generator's arrays
+    assert set(produced) == set(report["generators"])
+    for name, (_, npz) in produced.items():
+        assert all(np.array_equal(v, np.load(out / f"{name}.npz")[k]) for k, v in samples_file.read(npz, fix="").items())
     assert records["weat_noisy"]["noise_std"] == pytest.approx(8 / 255) and records["jeat_eq17"]["noise_std"] is None
+
+
+def test_buffer_generator_on_an_empty_buffer_names_the_method_and_the_fix(stage):
+    """A method without samples trains to an empty replay_buffer.pt (train.Trainer.buffer_file): a buffer generator
+    on it is refused before any generator runs, naming the method and the fix (a generator of kind sgld)."""
+    run, model_dir, out, _ = stage
+    atomic_torch_save({"images": torch.zeros((0, *SHAPE)), "labels": None, "method": "jem",
+                       "empty": "method 'jem' keeps no replay buffer"}, model_dir / "replay_buffer.pt")
+    with pytest.raises(ConfigError, match=r"'jem_buffer'.*method 'jem'.*empty.*kind sgld"):
+        generate_stage(run, model_dir, model_dir / "model.pt", out)
+    assert not out.exists() or not list(out.glob("*.npz"))  # refused before any generator ran
 
 
 def test_generate_stage_is_atomic_and_skips_finished_generators(stage, monkeypatch):

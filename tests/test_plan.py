@@ -241,3 +241,13 @@ def test_figures_and_tables_declare_the_data_folders_they_read(params):
         inputs = plan.job(stage, profile="smoke").inputs
         for d in plan.datasets:
             assert plan.values("data", {"profile": "smoke", "dataset": d})["data"] in inputs, (stage, d)
+
+
+def test_generate_declares_the_replay_buffer_its_train_job_writes(params):
+    """generate's buffer generators read replay_buffer.pt: a declared output of every train job (methods without
+    samples write an empty one) and a declared input of every generate job."""
+    plan = Plan(params, "smoke")
+    for d, m, s in plan.runs:
+        w = {"profile": "smoke", "dataset": d, "method": m, "seed": s}
+        buffer = plan.values("train", w)["replay_buffer"]
+        assert buffer in plan.job("train", **w).outputs and buffer in plan.job("generate", **w).inputs, (m, buffer)

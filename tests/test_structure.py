@@ -128,3 +128,20 @@ def test_no_import_cycle_in_the_package():
     graph = {m: imports(m) for m in MODULES}
     assert _cycles(graph) == []
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
+
+
+def test_the_samples_folder_is_named_by_samples_file_alone():
+    """generate writes, and metrics, figures and digest read, the samples folder through samples_file.py (its one
+    writer and reader, as energies_file.py is for energies): no other module spells its index's name."""
+    owner = "robust_ebm.samples_file"
+    index = __import__(owner, fromlist=["INDEX"]).INDEX
+    spelled = []
+    for module in MODULES:
+        tree = plan._parse(plan._module_file(module))
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        if any(isinstance(n, ast.Constant) and isinstance(n.value, str) and index in n.value
+               and id(n) not in docstrings for n in ast.walk(tree)):
+            spelled.append(module)
+    assert spelled == [owner]

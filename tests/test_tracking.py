@@ -315,3 +315,40 @@ def test_figures_command_logs_a_runs_histogram_to_its_parent(uri, tmp_path, para
     drawn = {a.path for a in client.list_artifacts(figures_run.info.run_id, "figures")}
     assert {f"figures/clean_vs_autoattack_{d}.png", f"figures/energy_hist_clean_adv_gen_{d}_s0.png",
             "figures/figures.json"} <= drawn
+
+
+def test_git_commit_and_dirty_flag_of_a_checkout(tmp_path):
+    """tracking.git_commit / git_dirty: HEAD of the checkout holding a folder, and whether tracked files changed
+    (untracked ones do not count); None outside a checkout. MLflow's commit tag takes the same commit."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert tracking.git_commit(repo) is None and tracking.git_dirty(repo) is None  # tmp_path is in no checkout
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "a.txt").write_text("1")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "one")
+    head = git("rev-parse", "HEAD")
+    assert tracking.git_commit(repo) == head and tracking.git_dirty(repo) is False
+    assert tracking.source_tags(repo)["mlflow.source.git.commit"] == head
+    (repo / "new.txt").write_text("untracked")
+    assert tracking.git_dirty(repo) is False
+    (repo / "a.txt").write_text("2")
+    assert tracking.git_dirty(repo) is True and tracking.git_commit(repo) == head
+
+
+def test_the_commit_is_looked_up_in_one_place():
+    """The package and the benchmarks ask tracking.git_commit for the project's commit; none runs git itself."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    owner = root / "src" / "robust_ebm" / "tracking.py"
+    callers = [p for d in ("src", "benchmarks", "tests/golden") for p in (root / d).rglob("*.py")
+               if p != owner and '"rev-parse"' in p.read_text()]
+    assert callers == []

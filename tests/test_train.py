@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import sigkill_when
-from robust_ebm import methods
+from robust_ebm import methods, plan
 from robust_ebm.attacks import AttackConfig
 from robust_ebm.checkpoint import load_checkpoint
 from robust_ebm.data import Splits, TensorSplit
@@ -21,7 +21,7 @@ from robust_ebm.methods.standard import Standard
 from robust_ebm.models import ModelConfig, load_classifier
 from robust_ebm.train import Trainer, train_splits
 
-OUTPUTS = ("model.pt", "checkpoint.pt", "train.json", "dynamics.json")
+OUTPUTS = ("model.pt", "checkpoint.pt", "train.json", "dynamics.json", "replay_buffer.pt")
 
 
 def make_run(loss="standard", epochs=2, select="last", attack=True, training=None, guard=None, seed=0,
@@ -116,6 +116,9 @@ def test_two_epochs_write_every_output(tmp_path, capsys):
     assert meta["epoch"] == 2 and meta["select_rule"] == "last" and meta["method"] == "pgd_at"
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")   # weights_only load works
     assert ckpt["progress"]["epoch"] == 2
+    buffer = torch.load(tmp_path / "replay_buffer.pt", weights_only=True)  # PGD-AT draws no samples: zero images
+    assert buffer["images"].shape == (0, 1, 8, 8) and buffer["method"] == "pgd_at" and "pgd_at" in buffer["empty"]
+    assert meta["buffer"] == "replay_buffer.pt"
     assert not tracker.params  # settings are logged where the MLflow run is opened (tracking.open_stage_run)
     assert any("train/ce_adv" in d and "train/loss" in d for _, d in tracker.metrics)
     assert any("val/pgd_acc" in d for _, d in tracker.metrics)
@@ -137,6 +140,19 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path, capsys):
     assert "afresh" in capsys.readouterr().out and (tmp_path / "stale" / "checkpoint.pt").is_file()
 
 
+def test_run_files_are_named_by_the_plan(tmp_path, monkeypatch):
+    """Train writes (and a fresh start moves aside) the files plan.PATTERNS names, whatever their names."""
+    keys = ("model", "train_json", "dynamics", "checkpoint", "replay_buffer")
+    for key in keys:
+        monkeypatch.setitem(plan.PATTERNS, key, plan.PATTERNS[key].replace("/s{seed}/", "/s{seed}/renamed_"))
+    names = [Path(plan.PATTERNS[key]).name for key in keys]
+    train_splits(make_run(epochs=1, attack=False), make_splits(), None, tmp_path, max_steps=2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("renamed_")) == sorted(names)
+    assert not any((tmp_path / name).exists() for name in OUTPUTS)
+    train_splits(make_run(epochs=1, attack=False, seed=1), make_splits(), None, tmp_path)  # not resumed: moved aside
+    assert all((tmp_path / "stale" / name).is_file() for name in names)
+
+
 def test_max_steps_then_resume_equals_uninterrupted(tmp_path):
     run, splits = make_run("pgd_at"), make_splits()
     train_splits(run, splits, None, tmp_path / "ref")
@@ -154,7 +170,7 @@ CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_train import make_run, make_splits
-    from robust_ebm import methods
+    from robust_ebm import methods, plan
     from robust_ebm.methods.pgd_at import PGDAT
     from robust_ebm.train import train_splits
 

@@ -176,11 +176,12 @@ def cmd_data(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from .plan import beside
     from .train import train_stage
 
     out = Path(args.out)
     _run_stage(args, "train", lambda run, t: train_stage(run, Path(args.data), out, tracker=t),
-               [out / "train.json"])
+               [beside(out, "model_dir", "train_json")])
 
 
 def _model_source(args):
@@ -212,11 +213,12 @@ def cmd_evaluate(args) -> None:
 
 def cmd_generate(args) -> None:
     from .generate import generate_stage
+    from .samples_file import index_path
 
     out, source = Path(args.out), _model_source(args)
     _run_stage(args, "generate",
                lambda run, t: generate_stage(run, Path(args.data), Path(args.model), out, tracker=t, source=source),
-               [out / "generate.json"])
+               [index_path(out)])
 
 
 def cmd_metrics(args) -> None:

@@ -19,11 +19,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 from pathlib import Path
 
-from . import plan
+from . import plan, samples_file
 from .runtime import atomic_write_json, atomic_write_text
+from .tracking import git_commit, git_dirty
 
 # The README table: (header, stage, dotted path into that stage's JSON, scale). {gen} is each generator.
 HEADLINE = (
@@ -79,7 +79,7 @@ def run_record(results_dir: Path, dataset: str, method: str, seed: int) -> dict 
 def _stage_json(results_dir: Path, key: str, dataset: str, method: str, seed: int) -> Path:
     """The JSON a stage wrote, from the plan's pattern (results_dir is results/<profile>)."""
     path = plan.profile_path(key, results_dir, dataset=dataset, method=method, seed=seed)
-    return path / "generate.json" if key == "samples" else path
+    return samples_file.index_path(path) if key == "samples" else path
 
 
 def _without_energies(record):
@@ -112,8 +112,7 @@ def lookup(record: dict, dotted: str):
 def provenance(profile: str) -> dict:
     """When, on what and from which commit the digest was taken."""
     return {"profile": profile, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine(), "commit": _git("rev-parse", "HEAD"),
-            "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no"))}
+            "machine": machine(), "commit": git_commit(Path.cwd()), "uncommitted_changes": bool(git_dirty(Path.cwd()))}
 
 
 def machine() -> dict:
@@ -126,14 +125,6 @@ def machine() -> dict:
         cpu = names[0] if names else cpu
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _git(*args) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def markdown(runs: list[dict], about: dict) -> str:

@@ -29,10 +29,9 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from . import energies_file, plan
+from . import energies_file, plan, samples_file
 from .data import load_prepared
 from .dynamics import columns as dynamics_columns
-from .files import load_npz
 from .histogram_attacks import LABELS as HISTOGRAM_ATTACK_LABELS
 from .landscape import energy_landscape, plane_directions
 from .models import load_classifier
@@ -477,8 +476,11 @@ def _histograms(record, fc, results_dir, dataset, runs, seeds) -> None:
 
 def _samples(record, fc, results_dir, dataset, method, seed, splits, data_dir) -> None:
     samples_dir = _run_file("samples", results_dir, dataset, method, seed)
-    for npz in sorted(samples_dir.glob("*.npz")) if samples_dir.is_dir() else []:
-        f = load_npz(npz, fix="rerun the generate stage")
+    if not samples_file.index_path(samples_dir).is_file():
+        return  # not generated (yet): skipped, as every missing input is
+    found = samples_file.produced(samples_dir, fix="rerun the generate stage").values()
+    for npz in sorted((npz for _, npz in found), key=lambda p: p.name):
+        f = samples_file.read(npz, fix="rerun the generate stage")
         images, labels = torch.from_numpy(f["images"]), torch.from_numpy(f["labels"]).long()
         if len(images) == 0:
             continue

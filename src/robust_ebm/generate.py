@@ -13,7 +13,9 @@ Each generator in params (`generation.generators`) is one of three kinds
     targeted_pgd  `targeted_pgd_samples`: Santurkar et al. 2019, class-Gaussian seeds then robustness's
                   targeted L2 PGD on CE keeping each image's best (lowest-CE) iterate, `robustness_targeted_l2`
                   (recalled settings ε 30, step 0.5, 60 steps [R])
-    buffer        `buffer_samples`: the JEM-family replay buffer saved beside the checkpoint
+    buffer        `buffer_samples`: the replay buffer train saves beside model.pt (plan.PATTERNS["replay_buffer"],
+                  a declared input); a run whose method keeps none has zero images there, and a buffer
+                  generator on it is a configuration error (`check_buffer`)
 
 Inits (`sampling.initialise`, inputs from `init_inputs`): uniform, gaussian (class Gaussian),
 pca (WEAT class PCA), data (training images) and noisy_data (WEAT's noise injection: a test
@@ -21,9 +23,9 @@ image of the class + N(0, noise_std^2), clamped; the only init that reads the te
 
 Conditional generators label each image with its class; unconditional ones
 (energy marginal, and buffers saved without labels) with the model's
-prediction. Outputs in `out_dir`: `<name>.npz` (images uint8 (N,C,H,W), labels int64; buffers also
-`logits` float32 (N,K) of the float images, for the papers' top-confident IS/FID protocol),
-`<name>_grid.png` (one row per class) and `generate.json`.
+prediction. Outputs in `out_dir` (samples_file.py, their one writer and reader): `<name>.npz` (images uint8
+(N,C,H,W), labels int64; buffers also `logits` float32 (N,K) of the float images, for the papers'
+top-confident IS/FID protocol), `<name>_grid.png` (one row per class) and the index `generate.json`.
 
 A rerun into the same `out_dir` keeps the generators already finished there
 only when generate.json's `resume_key` (code of this stage's import closure,
@@ -48,14 +50,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import plan
+from . import plan, samples_file
 from .attacks import AttackConfig
+from .config import ConfigError
 from .data import load_prepared
 from .files import BadFileError, load_torch
 from .inference import batched_outputs
 from .model_sources import is_model_available
 from .models import load_for_run
-from .runtime import atomic_write_bytes, atomic_write_json, model_mode, pick_device
+from .runtime import atomic_write_bytes, model_mode, pick_device
 from .sampling import SamplerConfig, initialise, pyld, sgld
 
 BUFFER_FILE = Path(plan.PATTERNS["replay_buffer"]).name  # train writes it beside model.pt
@@ -212,13 +215,34 @@ def find_buffer(model_path: Path, meta: dict) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, device=torch.device("cpu")) -> tuple[Tensor, Tensor]:
-    """Images of a saved replay buffer ({"images": float [0,1] (N,C,H,W), optional "labels"}); predictions label the rest."""
+def load_buffer(path: Path) -> dict:
+    """A saved replay buffer: {"images": float [0,1] (N,C,H,W), optional "labels"; train's also "method" and
+    "empty" (why N is 0)}; BadFileError when it is none."""
     state = load_torch(path, fix=BUFFER_FIX)
     images = state.get("images") if isinstance(state, dict) else None
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"{path} is not a replay buffer: expected a dict with 'images' of shape (N,C,H,W)")
-    images = images.float().clamp(0, 1)
+        raise BadFileError(f"{path} is not a replay buffer (a dict with 'images' of shape (N,C,H,W)); {BUFFER_FIX}")
+    return state
+
+
+def check_buffer(generators: list[str], method: str, path: Path) -> int:
+    """The number of images in the replay buffer that the `buffer` generators draw; ConfigError naming the method
+    and the fix when it has none (a method without SGLD samples: its training writes an empty buffer)."""
+    state = load_buffer(path)
+    if len(state["images"]) == 0:
+        why = state.get("empty") or "it holds zero images"
+        names = ", ".join(f"'{g}'" for g in generators)
+        raise ConfigError(f"generator {names} (kind buffer) reads the replay buffer of method '{method}', which is "
+                          f"empty ({path}: {why}); for this method use a generator of kind sgld instead (e.g. init "
+                          f"uniform, sampler energy marginal: JEM's p(x) sampling), i.e. leave '{method}' out of "
+                          f"`methods` of {names} in params.yaml generation.generators")
+    return len(state["images"])
+
+
+def buffer_samples(model: nn.Module, path: Path, *, batch_size: int = 100, device=torch.device("cpu")) -> tuple[Tensor, Tensor]:
+    """Images of a saved replay buffer (`load_buffer`); predictions label those saved without labels."""
+    state = load_buffer(path)
+    images = state["images"].float().clamp(0, 1)
     labels = state.get("labels")
     if labels is None:
         (labels,) = batched_outputs(model, lambda xb: _predict(model, xb.to(device)), images, batch_size=batch_size,
@@ -241,12 +265,6 @@ def sample_logits(model: nn.Module, images: Tensor, *, batch_size: int = 100, de
     return batched_outputs(model, lambda xb: model(xb.to(device)).float(), images, batch_size=batch_size, desc=None)[0]
 
 
-def save_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, images=images, labels=labels.astype(np.int64), **extra)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, columns: int = GRID_COLUMNS) -> None:
     """PNG with one row per class: its first `columns` images, black where a class has fewer; 2-pixel black
     borders, grey images as RGB (the layout of torchvision's make_grid(padding=2), which is not imported:
@@ -260,16 +278,6 @@ def save_grid(path: Path, images: np.ndarray, labels: np.ndarray, num_classes: i
     buffer = io.BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def _finished(path: Path, count: int | None) -> bool:
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path) as done:
-            return len(done["labels"]) == count and len(done["images"]) == count
-    except (OSError, ValueError, KeyError):
-        return False
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -298,25 +306,29 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
     num_classes = int(getattr(model, "num_classes", int(splits.test.labels.max()) + 1))
     labels = class_labels(num_classes, gen_cfg.n_per_class)
 
-    json_path = out_dir / "generate.json"
-    key = resume_key(run, data_dir, model_path, find_buffer(model_path, meta))
+    buffer_path = find_buffer(model_path, meta)
+    buffer_generators = [name for name, spec in chosen.items() if spec.kind == "buffer"]
+    if buffer_generators and buffer_path is not None:  # before any work: an empty buffer is a settings error
+        buffer_length = check_buffer(buffer_generators, method, buffer_path)
+    json_path = samples_file.index_path(out_dir)
+    key = resume_key(run, data_dir, model_path, buffer_path)
     _forget_stale(out_dir, json_path, key)
     report = {"method": method, "model_path": str(model_path), "seed": run.seed, "n_per_class": gen_cfg.n_per_class,
               "num_classes": num_classes, "generators": {}, "fallbacks": fallbacks, "resume_key": key}
     for name, spec in chosen.items():
-        npz, grid = out_dir / f"{name}.npz", out_dir / f"{name}_grid.png"
-        record = {"kind": spec.kind, "init": spec.init, "files": {"npz": npz.name, "grid": grid.name},
+        files = samples_file.file_names(name)
+        npz, grid = out_dir / files["npz"], out_dir / files["grid"]
+        record = {"kind": spec.kind, "init": spec.init, "files": files,
                   "pca": {"fraction": spec.pca_fraction, "sigma": spec.pca_sigma} if spec.init == "pca" else None,
                   "noise_std": spec.noise_std if spec.init == "noisy_data" else None,
                   "sampler": spec.sampler.model_dump(mode="json") if spec.sampler else None,
                   "attack": spec.attack.model_dump(mode="json") if spec.attack else None}
-        buffer_path = find_buffer(model_path, meta) if spec.kind == "buffer" else None
         if spec.kind == "buffer" and buffer_path is None:
             report["generators"][name] = {**record, "status": f"skipped: no replay buffer beside {model_path.name} "
-                                          f"(method '{method}' saved none; JEM-family training writes {BUFFER_FILE})", "count": 0}
+                                          f"(a model trained elsewhere; the train stage writes {BUFFER_FILE})", "count": 0}
             continue
-        expected = len(labels) if spec.kind != "buffer" else _buffer_length(buffer_path)
-        if _finished(npz, expected) and grid.is_file():
+        expected = len(labels) if spec.kind != "buffer" else buffer_length
+        if samples_file.count(npz) == expected and grid.is_file():
             earlier = _previous(json_path, name, {**record, "count": expected})
             report["generators"][name] = {**earlier, "status": "ok (found on disk, not rerun)"}
             continue
@@ -334,15 +346,15 @@ def generate_stage(run, data_dir, model_path, out_dir, tracker=None, source=None
             record["buffer_path"] = str(buffer_path)
             extra["logits"] = sample_logits(model, images, batch_size=gen_cfg.batch_size, device=device).numpy()
         as_uint8, ys = to_uint8(images), ys.numpy()
-        save_npz(npz, as_uint8, ys, **extra)
+        samples_file.write(npz, as_uint8, ys, **extra)
         save_grid(grid, as_uint8, ys, num_classes)
         record.update(status="ok", count=len(ys), seconds=round(time.time() - t0, 3),
                       class_counts=np.bincount(ys, minlength=num_classes).tolist())
         report["generators"][name] = record
-        atomic_write_json(json_path, report)  # progress survives a crash in the next generator
+        samples_file.write_index(out_dir, report)  # progress survives a crash in the next generator
         if tracker is not None:  # one image series per generator, the same key for every method
             tracker.log_image(grid, f"samples/{name}")
-    atomic_write_json(json_path, report)
+    samples_file.write_index(out_dir, report)
     if tracker is not None:
         tracker.log_metrics({f"generate/{n}_seconds": r["seconds"] for n, r in report["generators"].items() if r.get("seconds")})
     return report
@@ -373,7 +385,7 @@ def _forget_stale(out_dir: Path, json_path: Path, key: dict) -> None:
         earlier = json.loads(json_path.read_text())
     except (OSError, ValueError):
         earlier = None
-    if earlier is None and not any(out_dir.glob("*.npz")):
+    if earlier is None and not any(out_dir.glob(samples_file.file_names("*")["npz"])):
         return
     old = (earlier or {}).get("resume_key")
     if old == key:
@@ -382,18 +394,12 @@ def _forget_stale(out_dir: Path, json_path: Path, key: dict) -> None:
     log.info("not reusing the samples in %s: %s changed since they were made; deleting them", out_dir,
              ", ".join(changed) if isinstance(old, dict) else "their resume key is missing")
     names = {f for r in ((earlier or {}).get("generators") or {}).values() for f in (r.get("files") or {}).values()}
-    for path in [*(out_dir / n for n in names), *out_dir.glob("*.npz"), *out_dir.glob("*_grid.png"), json_path]:
+    patterns = samples_file.file_names("*").values()  # every generator's files, those of no record too
+    for path in [*(out_dir / n for n in names), *(p for g in patterns for p in out_dir.glob(g)), json_path]:
         path.unlink(missing_ok=True)
 
 
 BUFFER_FIX = "rerun the train stage, which writes it beside model.pt"
-
-
-def _buffer_length(path: Path) -> int:
-    state = load_torch(path, fix=BUFFER_FIX)
-    if not isinstance(state, dict) or not isinstance(state.get("images"), Tensor):
-        raise BadFileError(f"{path} is not a replay buffer (a dict with 'images'); {BUFFER_FIX}")
-    return len(state["images"])
 
 
 def _previous(json_path: Path, name: str, fallback: dict) -> dict:

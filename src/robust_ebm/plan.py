@@ -9,7 +9,8 @@ byte, whichever tool runs it (tests/test_dag_sync.py checks it).
 Jobs of profile P (everything under results/P/):
 
     data      per data set                      results/P/data/D/
-    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json,dynamics.json}
+    train     per (data set, method, seed)      results/P/models/D/M/sS/{model.pt,train.json,dynamics.json,
+                                                                         replay_buffer.pt}
     evaluate  per run                           results/P/eval/D/M/sS.json
     generate  per run                           results/P/samples/D/M/sS/
     metrics   per run (needs the reference)     results/P/metrics/D/M/sS.json
@@ -64,6 +65,9 @@ PATTERNS = {
     "model": "{results}/{profile}/models/{dataset}/{method}/s{seed}/model.pt",
     "train_json": "{results}/{profile}/models/{dataset}/{method}/s{seed}/train.json",
     "dynamics": "{results}/{profile}/models/{dataset}/{method}/s{seed}/dynamics.json",
+    # the SGLD replay buffer at the end of training, read by generate's `buffer` generators; every run has one (a
+    # method without samples writes one of zero images that says so)
+    "replay_buffer": "{results}/{profile}/models/{dataset}/{method}/s{seed}/replay_buffer.pt",
     "eval": "{results}/{profile}/eval/{dataset}/{method}/s{seed}.json",
     "eval_energies": "{results}/{profile}/eval/{dataset}/{method}/s{seed}.energies.npz",
     "samples": "{results}/{profile}/samples/{dataset}/{method}/s{seed}",
@@ -77,9 +81,8 @@ PATTERNS = {
     "tables": "{results}/{profile}/tables",
     "summary": "{results}/{profile}/summary.json",
     "settings": "{results}/{profile}/settings.json",
-    # not files of the DAG: train's replay buffer (JEM-family methods only; generate reads it when present,
-    # through model.pt's meta, undeclared) and metrics' cache of Inception reference statistics
-    "replay_buffer": "{results}/{profile}/models/{dataset}/{method}/s{seed}/replay_buffer.pt",
+    # not files of the DAG: train's resumable state and metrics' cache of Inception reference statistics
+    "checkpoint": "{results}/{profile}/models/{dataset}/{method}/s{seed}/checkpoint.pt",
     "inception_cache": "{results}/{profile}/cache/inception",
 }
 PROFILE_DIR = "{results}/{profile}"  # every pattern lies under it: the --results folder of figures, claims, tables
@@ -96,12 +99,12 @@ INPUTS = {
     "data": (),
     "train": ("data",),
     "evaluate": ("data", "model"),
-    "generate": ("data", "model"),
+    "generate": ("data", "model", "replay_buffer"),
     "metrics": ("data", "model", "samples", "refclf", "eval", "eval_energies"),
 }
 OUTPUTS = {
     "data": ("data",),
-    "train": ("model", "train_json", "dynamics"),
+    "train": ("model", "train_json", "dynamics", "replay_buffer"),
     "evaluate": ("eval", "eval_energies"),
     "generate": ("samples",),
     "metrics": ("metrics", "metrics_energies"),
@@ -462,7 +465,7 @@ class Plan:
             return tuple(files)
         for d, m, s in self.runs + self.reference_runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
-            files += [v["model"], v["train_json"], v["dynamics"]]
+            files += [v[k] for k in OUTPUTS["train"]]
         for d, m, s in self.runs:
             v = self.values(stage, {"profile": self.profile, "dataset": d, "method": m, "seed": s})
             files += [v["eval"], v["eval_energies"], v["metrics"], v["metrics_energies"]]

@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from .methods import LossOutput
 
+GRIDS = "grids"  # the run directory's folder of sample grids (`Report.grid`)
+
 
 class EpochLog:
     """Iterates one epoch's batches under a progress bar; `update` after each step logs, every
@@ -94,7 +96,7 @@ class Report:
 
         if samples is None:
             return
-        path = self.out_dir / "grids" / f"epoch_{epoch:04d}.png"
+        path = self.out_dir / GRIDS / f"epoch_{epoch:04d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(samples[:64].float().clamp(0, 1).cpu(), path, nrow=8)
         if self.tracker is not None:

@@ -16,10 +16,16 @@ import torch
 
 from . import plan
 from .checkpoint import load_checkpoint
+from .progress import GRIDS
 from .runtime import atomic_write_json
 
-# Files of a run directory that belong to one training (moved to stale/ when it is not resumed).
-RUN_FILES = ("checkpoint.pt", "model.pt", "train.json", "dynamics.json", "replay_buffer.pt", "grids")
+
+def run_files() -> tuple[str, ...]:
+    """Names of a run directory's files that belong to one training (moved to stale/ when it is not resumed):
+    every plan.PATTERNS file inside the `model_dir` pattern (model.pt, train.json, checkpoint.pt, ...), and the
+    grids folder."""
+    run_dir = plan.PATTERNS["model_dir"]
+    return (*(Path(p).name for p in plan.PATTERNS.values() if Path(p).parent == Path(run_dir)), GRIDS)
 
 
 def data_digest(splits, stats) -> str:
@@ -71,7 +77,7 @@ def move_aside(out_dir: Path, reason: str) -> Path:
     stale = out_dir / "stale"
     shutil.rmtree(stale, ignore_errors=True)
     stale.mkdir()
-    for name in RUN_FILES:
+    for name in run_files():
         if (out_dir / name).exists():
             os.replace(out_dir / name, stale / name)
     atomic_write_json(stale / "why.json", {"reason": reason})

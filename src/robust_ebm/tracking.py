@@ -311,17 +311,35 @@ def stage_numbers(stage: str, result: dict) -> tuple[dict[str, float], dict[str,
     return {k: float(v) for k, v in run.items() if _number(v)} | headline, headline
 
 
+def _git(root: str | Path | None, *args: str) -> str | None:
+    """`git <args>` in `root` (None: the working directory): its stripped output, None when git fails or is absent."""
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit(root: str | Path | None = None) -> str | None:
+    """The commit (HEAD) of the git checkout holding `root` (None: the working directory); None outside one.
+    The one lookup of the project's commit: MLflow tags, `robust-ebm digest`, the benchmarks."""
+    return _git(root, "rev-parse", "HEAD") or None
+
+
+def git_dirty(root: str | Path | None = None) -> bool | None:
+    """Whether tracked files of that checkout differ from its commit (untracked files do not count); None outside
+    a checkout."""
+    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
 def source_tags(project_dir: str | Path | None = None) -> dict[str, str]:
     """git commit (mlflow.source.git.commit) and sha256 of dvc.lock, when available."""
     root = Path(project_dir or Path.cwd())
     tags = {}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10)
-        if commit.returncode == 0:
-            tags["mlflow.source.git.commit"] = commit.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    commit = git_commit(root)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
     lock = root / "dvc.lock"
     if lock.exists():
         tags["dvc.lock.sha256"] = hashlib.sha256(lock.read_bytes()).hexdigest()

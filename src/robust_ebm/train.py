@@ -29,21 +29,22 @@ std 0.01 to gradients of size ~1: bf16's 8-bit mantissa (relative error 4e-3)
 would blur exactly that signal, and AMP for SGLD is untested (anchors.md §17).
 On the CPU 'auto' is fp32.
 
-Outputs in out_dir: model.pt (selected weights, models.save_classifier),
-checkpoint.pt (full state), replay_buffer.pt (sampler methods), train.json,
-dynamics.json, grids/epoch_NNNN.png (replay-buffer grids).
+Outputs in out_dir, named by plan.PATTERNS (`Trainer.file`): model.pt (selected weights,
+models.save_classifier), checkpoint.pt (full state), replay_buffer.pt (every run: the SGLD samples of a
+sampler method, zero images otherwise; `Trainer.buffer_file`), train.json, dynamics.json; and grids/epoch_NNNN.png (replay-buffer grids, progress.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import attacks, data
+from . import attacks, data, plan
 from .checkpoint import load_checkpoint, restore, save_checkpoint, snapshot
 from .config import validate_run
 from .divergence import Diverging, Guard
@@ -181,7 +182,11 @@ class Trainer:
         self.progress = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "seconds": 0.0, "images": 0,
                          "best_epoch": None, "best_metric": None, "val": [], "retries": [], "seed_offset": 0,
                          "resume_key": resume_key(run, splits, stats)}
-        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.ckpt_path = self.file("checkpoint")
+
+    def file(self, key: str) -> Path:
+        """The run directory's file of plan.PATTERNS[key] (model, train_json, dynamics, replay_buffer, checkpoint)."""
+        return plan.beside(self.out_dir, "model_dir", key)
 
     # ---- state
     def _stateful(self) -> dict:
@@ -299,6 +304,16 @@ class Trainer:
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
     # ---- outputs
+    def buffer_file(self) -> dict:
+        """replay_buffer.pt: {"images": float [0,1] (N,C,H,W), "labels": None, "method", "empty": None or why}.
+        A method without samples (no SGLD sampler, or no buffer) writes (0,C,H,W) images and says so."""
+        samples = self.method.samples()
+        if samples is not None:
+            return {"images": samples.detach().float().clamp(0, 1).cpu(), "labels": None,
+                    "method": self.run.method_name, "empty": None}
+        return {"images": torch.zeros((0, *self.image_shape)), "labels": None, "method": self.run.method_name,
+                "empty": f"method '{self.run.method_name}' keeps no replay buffer (it draws no SGLD samples in training)"}
+
     def finish(self, complete: bool) -> dict:
         """Write model.pt, replay_buffer.pt, train.json and dynamics.json; return the train.json dict."""
         p = self.progress
@@ -308,22 +323,20 @@ class Trainer:
         else:
             selected = p["epoch"]
         meta = model_meta(self.run, self.method.needs_px_stream, p, selected, complete)
-        samples = self.method.samples()
-        if samples is not None:
-            atomic_torch_save({"images": samples.detach().float().clamp(0, 1).cpu(), "labels": None},
-                              self.out_dir / "replay_buffer.pt")
-            meta["buffer"] = "replay_buffer.pt"
-        save_classifier(self.out_dir / "model.pt", self.model, self.run.model, meta)
+        model_path, buffer_path = self.file("model"), self.file("replay_buffer")
+        atomic_torch_save(self.buffer_file(), buffer_path)
+        meta["buffer"] = os.path.relpath(buffer_path, model_path.parent)
+        save_classifier(model_path, self.model, self.run.model, meta)
         summary = train_record(self.run, p, selected, complete, precision=self.precision, device=self.device,
                                fallbacks=self.fallbacks)
-        files = [atomic_write_json(self.out_dir / "train.json", summary),
-                 atomic_write_json(self.out_dir / "dynamics.json", self.dynamics.records())]
+        files = [atomic_write_json(self.file("train_json"), summary),
+                 atomic_write_json(self.file("dynamics"), self.dynamics.records())]
         self.report.finished(summary, files)
         return summary
 
 
 def train_stage(run, data_dir, out_dir, tracker=None, *, max_steps: int | None = None, resume: bool = True) -> dict:
-    """Train one (profile, dataset, method, seed) run; resumes from out_dir/checkpoint.pt when present."""
+    """Train one (profile, dataset, method, seed) run; resumes from its checkpoint in out_dir when present."""
     splits, stats = data.load_prepared(data_dir)
     return train_splits(run, splits, stats, out_dir, tracker, max_steps=max_steps, resume=resume)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import importlib.util
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -44,8 +43,11 @@ class Reference:
         self.commit = self._commit()
 
     def _commit(self) -> str:
-        if (self.root / ".git").exists():
-            return subprocess.check_output(["git", "-C", str(self.root), "rev-parse", "HEAD"], text=True).strip()
+        from robust_ebm.tracking import git_commit
+
+        commit = git_commit(self.root) if (self.root / ".git").exists() else None
+        if commit:
+            return commit
         marker = self.root / ".ref_commit"
         if marker.is_file():
             return marker.read_text().split()[0]

@@ -14,6 +14,11 @@ def pattern(stage, key):
     return PLAN.template(stage, "pattern")[key]
 
 
+def outputs(stage):
+    """The plan's outputs of `stage` (plan.OUTPUTS), named by their PATTERNS key: `output: **outputs("train")`."""
+    return {key: pattern(stage, key) for key in OUTPUTS[stage]}
+
+
 def shell_command(stage):
     """The plan's command of `stage` with {wildcards.x} placeholders (identical to dvc.yaml's)."""
     return PLAN.template(stage, "snakemake")["command"]

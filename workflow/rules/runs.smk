@@ -16,10 +16,7 @@ rule data:
 
 rule train:
     input: planned("train", "inputs")
-    output:
-        model=pattern("train", "model"),
-        summary=pattern("train", "train_json"),
-        dynamics=pattern("train", "dynamics"),
+    output: **outputs("train")
     log: pattern("train", "log")
     params: settings=planned("train", "settings")
     resources:
@@ -32,9 +29,7 @@ rule train:
 
 rule evaluate:
     input: planned("evaluate", "inputs")
-    output:
-        pattern("evaluate", "eval"),
-        pattern("evaluate", "eval_energies"),
+    output: **outputs("evaluate")
     log: pattern("evaluate", "log")
     params: settings=planned("evaluate", "settings")
     resources:
@@ -60,9 +55,7 @@ rule generate:
 
 rule metrics:
     input: planned("metrics", "inputs")
-    output:
-        pattern("metrics", "metrics"),
-        pattern("metrics", "metrics_energies"),
+    output: **outputs("metrics")
     log: pattern("metrics", "log")
     params: settings=planned("metrics", "settings")
     resources:

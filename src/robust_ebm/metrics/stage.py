@@ -1,7 +1,7 @@
 """The metrics stage: IS/FID (Inception, and the reference-classifier stand-in), Fisher scores, energy statistics.
 
-Reads one run's model, its samples (`generate.json` + `<generator>.npz`), the prepared data set, the
-reference classifier and the evaluate stage's energies; writes `out_path` (JSON) and, beside it,
+Reads one run's model, its samples (the generate stage's folder, through samples_file), the prepared data
+set, the reference classifier and the evaluate stage's energies; writes `out_path` (JSON) and, beside it,
 `<out>.energies.npz` with E(x), E(x,y) of each generator's samples (for the figures).
 
 `landscape` (when `metrics.landscape` is set): statistics of E(x,y) and E(x) on a plane around each of
@@ -23,16 +23,13 @@ generator's `refclf` is {"status": "not computed: ..."}: its samples were optimi
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import energies_file, plan
+from .. import energies_file, plan, samples_file
 from ..data import load_prepared
-from ..files import BadFileError, load_npz
 from ..landscape import landscape_statistics
 from ..model_sources import is_model_available
 from ..models import load_for_run
@@ -58,37 +55,28 @@ def _reference_images(splits, which: str) -> torch.Tensor:
     return torch.cat([torch.as_tensor(p.images) for p in parts])
 
 
+def _samples_fix(samples_dir: Path) -> str:
+    return f"rerun the generate stage (robust-ebm generate ... --out {samples_dir})"
+
+
 def _load_logits(samples_dir: Path) -> dict[str, torch.Tensor]:
     """{generator: logits (N,K)} of the replay-buffer generators (generate stores them for the papers' protocol)."""
     out = {}
-    for name, record in json.loads((samples_dir / "generate.json").read_text())["generators"].items():
-        npz = samples_dir / record.get("files", {}).get("npz", f"{name}.npz")
-        if record.get("kind") == "buffer" and record.get("count", 0) and npz.is_file():
-            with np.load(npz) as f:
-                if "logits" not in f.files:
-                    raise ValueError(f"{npz} holds no logits (written by an older generate stage); rerun generate")
-                out[name] = torch.from_numpy(f["logits"])
+    for name, (record, npz) in samples_file.produced(samples_dir, fix=_samples_fix(samples_dir)).items():
+        if record.get("kind") == "buffer":
+            arrays = samples_file.read(npz, fix=_samples_fix(samples_dir))
+            if "logits" not in arrays:
+                raise ValueError(f"{npz} holds no logits (written by an older generate stage); rerun generate")
+            out[name] = torch.from_numpy(arrays["logits"])
     return out
 
 
 def _load_samples(samples_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{generator: (uint8 images, int64 labels)} for every generator that produced samples."""
-    index = samples_dir / "generate.json"
-    if not index.is_file():
-        raise FileNotFoundError(f"no {index}; run the generate stage first (robust-ebm generate ... --out {samples_dir})")
-    fix = f"rerun the generate stage (robust-ebm generate ... --out {samples_dir})"
-    try:
-        generators = json.loads(index.read_text())["generators"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise BadFileError(f"{index} is not the generate stage's index ({type(err).__name__}: {err}); {fix}") from None
+    fix = _samples_fix(samples_dir)
     samples = {}
-    for name, record in generators.items():
-        npz = samples_dir / record.get("files", {}).get("npz", f"{name}.npz")
-        if record.get("count", 0) == 0 or not npz.is_file():
-            continue  # e.g. a buffer generator skipped for a method without a replay buffer
-        arrays = load_npz(npz, fix=fix)
-        if "images" not in arrays or "labels" not in arrays:
-            raise BadFileError(f"{npz} holds {sorted(arrays)}, not images and labels; {fix}")
+    for name, (_, npz) in samples_file.produced(samples_dir, fix=fix).items():
+        arrays = samples_file.read(npz, fix=fix)
         samples[name] = (torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long())
     return samples
 
