@@ -385,3 +385,11 @@ def test_noisy_data_generator_init(raw):
     assert "generation.generators.weat_momentum.noise_std" in msg and "only read by init 'noisy_data'" in msg
     msg = invalid(raw, lambda d: d["generation"]["generators"]["weat_momentum"].update(init="noisy"))
     assert "generation.generators.weat_momentum.init" in msg and "'noisy_data'" in msg
+
+
+def test_a_buffer_generator_on_a_method_without_sampler_is_refused_at_load(raw):
+    """`robust-ebm check` rejects what generate would: a standard-trained run saves an empty replay buffer."""
+    msg = invalid(raw, lambda d: d["generation"]["generators"]["jem_buffer"]["methods"].append("trades"))
+    assert "generation.generators.jem_buffer" in msg and "'trades' has none (no sampler)" in msg
+    msg = invalid(raw, lambda d: d["generation"]["generators"]["jem_buffer"].update(methods="all"))
+    assert "'standard' has none" in msg

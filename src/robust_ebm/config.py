@@ -577,6 +577,12 @@ def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, pre
         for m in [] if spec.methods == "all" else spec.methods:
             if m not in sections.methods:
                 problems.append(f"generation.generators.{name}.methods: unknown method '{m}'; allowed: {methods}")
+        if spec.kind == "buffer":  # training saves a replay buffer only where the method samples
+            for m in sorted(sections.methods) if spec.methods == "all" else spec.methods:
+                if m in sections.methods and sections.methods[m].sampler is None:
+                    problems.append(f"generation.generators.{name}: kind buffer reads the replay buffer, and method "
+                                    f"'{m}' has none (no sampler); leave '{m}' out of its `methods` and give it a "
+                                    "generator of kind sgld")
     if sections.metrics.refclf.enabled and sections.metrics.refclf.method not in sections.methods:
         problems.append(f"metrics.refclf.method: unknown method '{sections.metrics.refclf.method}'; allowed: {methods}")
     specs = runs_from.profiles.items() if isinstance(runs_from, Params) else [(None, runs_from)]
