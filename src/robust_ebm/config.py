@@ -579,7 +579,9 @@ def _reference_problems(sections: Sections, runs_from: Params | ProfileSpec, pre
                 problems.append(f"generation.generators.{name}.methods: unknown method '{m}'; allowed: {methods}")
         if spec.kind == "buffer":  # training saves a replay buffer only where the method samples
             for m in sorted(sections.methods) if spec.methods == "all" else spec.methods:
-                if m in sections.methods and sections.methods[m].sampler is None:
+                method = sections.methods.get(m)
+                if method is not None and method.sampler is None and not any(
+                        key == "sampler" for key, _ in method_problems(method)):  # a missing block is reported once
                     problems.append(f"generation.generators.{name}: kind buffer reads the replay buffer, and method "
                                     f"'{m}' has none (no sampler); leave '{m}' out of its `methods` and give it a "
                                     "generator of kind sgld")
