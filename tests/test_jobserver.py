@@ -95,3 +95,16 @@ def test_a_job_the_server_cannot_run_as_it_is_runs_alone(server, tmp_path, key, 
 def test_off_means_every_command_alone(monkeypatch):
     monkeypatch.setenv(jobserver.ENV, jobserver.OFF)
     assert jobserver.requested() is None and jobserver.start() is None
+
+
+def test_a_long_temporary_directory_still_gives_a_usable_socket(tmp_path, monkeypatch):
+    """Unix socket paths are limited to 107 bytes; TMPDIR on cluster nodes is often longer."""
+    long_tmp = tmp_path / ("x" * 90)
+    long_tmp.mkdir()
+    monkeypatch.setattr(jobserver.tempfile, "tempdir", str(long_tmp))
+    monkeypatch.delenv(jobserver.ENV, raising=False)
+    started = jobserver.start()
+    try:
+        assert len(started.socket_path) < 108 and jobserver.requested() == started.socket_path
+    finally:
+        jobserver.stop([started])

@@ -297,7 +297,10 @@ def start(*, timeout: float = 120.0) -> Server | None:
     None when jobs should run in their own processes (not Linux, or ROBUST_EBM_JOBSERVER=off)."""
     if os.environ.get(ENV) == OFF or not supported():
         return None
-    socket_path = str(Path(tempfile.mkdtemp(prefix="robust-ebm-")) / "jobs.sock")
+    where = tempfile.gettempdir()
+    if len(where) > 64 and os.path.isdir("/tmp"):  # a Unix socket path has at most 107 bytes
+        where = "/tmp"
+    socket_path = str(Path(tempfile.mkdtemp(prefix="robust-ebm-", dir=where)) / "jobs.sock")
     read_end, write_end = os.pipe()
     # its own session: Ctrl-C reaches a child through its job's client only (which passes it on)
     process = subprocess.Popen([sys.executable, "-m", "robust_ebm", "serve", "--socket", socket_path,
