@@ -416,8 +416,11 @@ def _start_stage(tmp_path, uri) -> subprocess.Popen:
     script = tmp_path / "stage.py"
     script.write_text(_STAGE_CHILD.format(params=str(ROOT / "params.yaml"), out=str(tmp_path / "out")))
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src")}
+    # SIGINT at its default, as in a stage started from a terminal: a suite run as a background job of a
+    # non-interactive shell (`pytest ... &` in a script) has SIGINT ignored, and a child inherits that.
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=tmp_path)
+                            text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()[-3000:]
     return proc
 
