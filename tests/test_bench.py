@@ -145,3 +145,23 @@ def test_sgld_checks_run_one_chain_set_per_sampler_and_architecture():
     a, b, c = sgld_checks(profile, {"tiny": {"a": jem, "b": jem, "c": other, "d": method("standard")}}, args)
     assert (a["method"], b["method"], b["same_as"], c["method"]) == ("a", "b", "a", "c") and "same_as" not in c
     assert b["precisions"] == a["precisions"] and c["fp32"]["mean"] != a["fp32"]["mean"]
+
+
+def test_sgld_checks_on_trained_weights_run_every_sampler_on_that_model(tmp_path):
+    from robust_ebm.bench import sgld_checks
+    from robust_ebm.models import save_classifier
+
+    torch.manual_seed(1)
+    trained = build_model(TINY, num_classes=10, in_channels=3, image_size=16)
+    save_classifier(tmp_path / "model.pt", trained, TINY, {})
+    jem = method("jem", sampler={"steps": 2})
+    args = SimpleNamespace(device="cpu", sgld_seed=0, sgld_chains=4, sgld_steps=None, sgld_tol=0.1,
+                           sgld_weights=str(tmp_path / "model.pt"))
+    [res] = sgld_checks(SimpleNamespace(models={"tiny": TINY}), {"tiny": {"jem": jem}}, args)
+    direct = sgld_precision_check(trained.eval(), jem.sampler, n=4, image_shape=(3, 16, 16), num_classes=10,
+                                  device="cpu", seed=0)
+    assert res["weights"] == f"trained: {tmp_path / 'model.pt'}"
+    assert res["fp32"]["mean"] == direct["fp32"]["mean"]  # the chains ran on the saved weights, 16x16 images
+    fresh = sgld_checks(SimpleNamespace(models={"tiny": TINY}), {"tiny": {"jem": jem}},
+                        SimpleNamespace(**{**vars(args), "sgld_weights": None}))[0]
+    assert fresh["fp32"]["mean"] != res["fp32"]["mean"]

@@ -16,6 +16,7 @@ from torch import nn
 import robust_ebm.evaluate as ev_mod
 from robust_ebm import reference_weights
 from robust_ebm.cli import build_parser, main
+from robust_ebm.config import TrainingConfig
 from robust_ebm.evaluate import evaluate_stage
 from robust_ebm.files import BadFileError
 from robust_ebm.model_sources import IMAGENET_MEAN, IMAGENET_STD, ModelSource, ModelSourceError
@@ -45,12 +46,14 @@ def _images(n=8, seed=0):
 
 
 def _run(model_cfg=None):
-    """A run on cifar10-shaped data of 4 classes, 3x8x8 images; its own architecture a WRN (not the files')."""
+    """A run on cifar10-shaped data of 4 classes, 3x8x8 images; its own architecture a WRN (not the files');
+    every model placed NHWC (training.channels_last), as the mini and paper profiles run them."""
     dataset = SimpleNamespace(num_classes=CLASSES, channels=3, image_size=SIZE)
     return SimpleNamespace(evaluation=_evaluation(pgd={"steps": 1}, energy_attack={"steps": 1},
                                                   ebjdat_scale={"steps": 1}),
                            seed=0, device="cpu", method_name="standard", dataset_name="cifar10", dataset=dataset,
-                           model=model_cfg or TINY_WRN.model_copy(update={"depth": 16}))
+                           model=model_cfg or TINY_WRN.model_copy(update={"depth": 16}),
+                           training=TrainingConfig(channels_last=True))
 
 
 def _evaluate(tmp_path, monkeypatch, model_path, reference, source=None):
@@ -65,6 +68,8 @@ def _evaluate(tmp_path, monkeypatch, model_path, reference, source=None):
     assert result["columns"]["clean"]["accuracy"] == 1.0 and result["columns"]["clean"]["n"] == 8
     assert 0.0 <= result["columns"]["pgd"]["accuracy"] <= 1.0
     model, meta = load_for_run(_run(), model_path, source=source)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)  # models.place, NHWC
     x = x_u8.float() / 255
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)

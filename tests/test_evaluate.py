@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import robust_ebm.evaluate as ev_mod
-from robust_ebm.config import EvaluationConfig, load_params
+from robust_ebm.config import EvaluationConfig, TrainingConfig, load_params
 from robust_ebm.data import Splits, TensorSplit
 from robust_ebm.evaluate import DETERMINISTIC, ENTRY_KEYS, ExpectedLogSoftmax, evaluate_stage
 from robust_ebm.models import ModelConfig, build_model
@@ -46,7 +46,8 @@ def _evaluation(**update):
 
 
 def _run(evaluation, **kw):
-    return SimpleNamespace(evaluation=evaluation, seed=0, device="cpu", method_name="standard", **kw)
+    return SimpleNamespace(evaluation=evaluation, seed=0, device="cpu", method_name="standard", training=TrainingConfig(),
+                           **kw)
 
 
 def _splits(x_u8, y):

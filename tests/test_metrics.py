@@ -12,7 +12,7 @@ from torch import nn
 
 import robust_ebm.metrics.inception as inception
 import robust_ebm.metrics.stage as stage
-from robust_ebm.config import MetricsConfig, PathsConfig
+from robust_ebm.config import MetricsConfig, PathsConfig, TrainingConfig
 from robust_ebm.energy import joint_energy, marginal_energy
 from robust_ebm.metrics import (
     InceptionWeightsUnavailable, compute_energies, energy_report, feature_stats, frechet_distance,
@@ -281,7 +281,8 @@ def run_files(tmp_path, monkeypatch):
                                             "fisher": {"probes": 2, "n_examples": 5}, "batch_size": 8})
     run = SimpleNamespace(metrics=metrics, paths=PathsConfig(results=str(tmp_path / "results")), seed=0,
                           device="cpu", profile="smoke", run_name="smoke/digits/jeat/s0", dataset_name="digits",
-                          dataset=SimpleNamespace(num_classes=3, channels=1, image_size=8), model=cfg)
+                          dataset=SimpleNamespace(num_classes=3, channels=1, image_size=8), model=cfg,
+                          training=TrainingConfig())
     return run, tmp_path
 
 

@@ -214,6 +214,20 @@ def test_job_runtime_is_the_profiles_setting_and_reruns_nothing():
     assert smoke.settings_file() == Plan(original, "smoke").settings_file()
 
 
+def test_job_threads_are_the_profiles_setting_for_the_model_stages():
+    """profiles.<P>.runtime.threads is the Snakemake `threads` of train/evaluate/generate/metrics jobs (1 elsewhere);
+    like the runtime it is no job setting."""
+    from robust_ebm.config import params_from_dict
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["profiles"]["smoke"]["runtime"] = {"train": 30, "other": 30, "threads": 3}
+    smoke = Plan(params_from_dict(raw), "smoke")
+    assert {s: smoke.resources(s)["threads"] for s in ("data", "train", "evaluate", "generate", "metrics", "tables")} \
+        == {"data": 1, "train": 3, "evaluate": 3, "generate": 3, "metrics": 3, "tables": 1}
+    assert smoke.settings_file() == Plan(load_params(ROOT / "params.yaml"), "smoke").settings_file()
+    assert Plan(load_params(ROOT / "params.yaml"), "smoke").resources("evaluate")["threads"] == 1  # default
+
+
 def test_path_helpers_fill_the_plans_patterns(params):
     from robust_ebm.plan import beside, file_path, profile_path
 

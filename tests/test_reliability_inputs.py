@@ -26,7 +26,7 @@ from PIL import Image
 from helpers import tiny_classifier
 from repo_copy import ROOT, copy_checkout, hermetic_env, parse_dry_run, snakemake
 from robust_ebm import cli, data, prepare, runtime, tables
-from robust_ebm.config import ConfigError, load_params, validate_run
+from robust_ebm.config import ConfigError, TrainingConfig, load_params, validate_run
 from robust_ebm.files import BadFileError, load_npz, load_torch
 from robust_ebm.methods import build_method
 from robust_ebm.metrics import inception, stage as metrics_module
@@ -283,7 +283,8 @@ TINY = ModelConfig(arch="tiny_cnn", width=4)
 
 
 def _run(**update):
-    base = dict(dataset_name="digits", dataset=SimpleNamespace(num_classes=3, channels=1, image_size=8), model=TINY)
+    base = dict(dataset_name="digits", dataset=SimpleNamespace(num_classes=3, channels=1, image_size=8), model=TINY,
+                training=TrainingConfig())
     return SimpleNamespace(**(base | update))
 
 

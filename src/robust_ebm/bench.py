@@ -340,24 +340,30 @@ def bench_profile(profile, names, args) -> dict:
 
 
 def sgld_checks(profile, groups, args, on_result=None) -> list[dict]:
-    """`sgld_precision_check` for every method with a sampler, on fresh weights of its bench architecture."""
-    from .models import build_model
+    """`sgld_precision_check` for every method with a sampler, on fresh weights of its bench architecture, or on
+    the trained classifier in `args.sgld_weights` (every method's sampler on that one model)."""
+    from .models import build_model, load_classifier
 
     device, out, done = pick_device(args.device), [], {}
+    weights = getattr(args, "sgld_weights", None)
+    trained = None if weights is None else load_classifier(weights)[0].to(device).eval().requires_grad_(False)
     for model_key, methods in groups.items():
         for name, cfg in methods.items():
             if cfg.sampler is None:
                 continue
-            key = (model_key, cfg.sampler.model_dump_json())
+            key = (model_key if trained is None else weights, cfg.sampler.model_dump_json())
             if key in done:  # the same sampler on the same architecture: the same chains, run once
                 out.append({**done[key], "method": name, "same_as": done[key]["method"]})
                 print(f"sgld check {name}: the same sampler and model as {done[key]['method']}", flush=True)
                 continue
             torch.manual_seed(args.sgld_seed)
-            model = build_model(profile.models[model_key], num_classes=10, in_channels=3, image_size=32).to(device)
-            res = sgld_precision_check(model, cfg.sampler, n=args.sgld_chains, image_shape=(3, 32, 32), num_classes=10,
-                                       device=device, seed=args.sgld_seed, steps=args.sgld_steps, tol=args.sgld_tol)
-            res |= {"method": name, "model": model_key, "weights": "fresh (random init, seed sgld_seed)"}
+            model = trained if trained is not None else build_model(
+                profile.models[model_key], num_classes=10, in_channels=3, image_size=32).to(device)
+            res = sgld_precision_check(model, cfg.sampler, n=args.sgld_chains, image_shape=(model.in_channels, model.image_size, model.image_size),
+                                       num_classes=model.num_classes, device=device, seed=args.sgld_seed,
+                                       steps=args.sgld_steps, tol=args.sgld_tol)
+            res |= {"method": name, "model": model_key if trained is None else str(weights),
+                    "weights": "fresh (random init, seed sgld_seed)" if trained is None else f"trained: {weights}"}
             done[key] = res
             verdicts = ", ".join(f"{p}: {r['verdict']} (d_mean {r['delta_mean_in_std']:+.3f}, d_std "
                                  f"{r['delta_std_in_std']:+.3f} fp32 std)" for p, r in res["precisions"].items())

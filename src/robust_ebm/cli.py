@@ -455,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sgld-steps", type=int, default=None, help="default: each method's own sampler steps")
     p.add_argument("--sgld-tol", type=float, default=0.1, help="allowed |d mean|, |d std| in units of the fp32 std")
     p.add_argument("--sgld-seed", type=int, default=0)
+    p.add_argument("--sgld-weights", default=None,
+                   help="a trained model.pt to run the SGLD check on (default: fresh weights of each method's model)")
     p = add("digest", cmd_digest, "the numbers of a profile's runs as small JSON + Markdown, to keep (docs/)")
     p.add_argument("--results", required=True, help="results/<profile>")
     p.add_argument("--out", required=True, help="folder to write (e.g. docs/runs/<profile>-<date>)")

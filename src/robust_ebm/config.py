@@ -151,7 +151,8 @@ class TrainingConfig(Strict):
     """Settings of the one training loop shared by every method."""
 
     precision: Literal["auto", "fp32", "bf16", "tf32"] = "auto"
-    channels_last: bool = False
+    channels_last: bool = Field(False, description="NHWC weights in every stage that runs a model, "
+                                "evaluation and generation included (models.place)")
     compile: bool = False
     deterministic: bool = False
     checkpoint_every_steps: int | None = Field(None, ge=1, description="extra mid-epoch checkpoints; null: per epoch only")
@@ -343,10 +344,13 @@ class FiguresConfig(Strict):
 
 
 class RuntimeConfig(Strict):
-    """Wall-clock limit (minutes) of each job of a profile: Snakemake's `runtime` resource (a SLURM time limit)."""
+    """What each job of a profile gets: a wall-clock limit in minutes (Snakemake's `runtime` resource, a SLURM
+    time limit) and CPU threads (Snakemake's `threads`, at most --cores; the job's torch threads)."""
 
     train: int = Field(48 * 60, ge=1, description="each train job")
     other: int = Field(12 * 60, ge=1, description="each job of every other stage")
+    threads: int = Field(1, ge=1, description="CPU threads of each train/evaluate/generate/metrics job; 1 runs as "
+                         "many jobs side by side as there are cores")
 
 
 class ProfileSpec(Strict):

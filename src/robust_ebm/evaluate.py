@@ -41,7 +41,7 @@ fraction_perturbed, max_perturbation_linf and seconds; status "diagnostic", or
 Only the points classified correctly are attacked, so accuracy <= clean_accuracy.
 
 Outputs (paths: plan.PATTERNS "eval", "eval_energies"): `<out>.json` (one entry per column with n, accuracy, eps_pixel,
-step_pixel, steps, objective, protocol, status; "histogram_attacks" as above) and
+step_pixel, steps, objective, protocol, status, seconds; "histogram_attacks" as above) and
 `<out>.energies.npz` (format: robust_ebm.energies_file) with per-example `labels`, `<name>_marginal` = E(x),
 `<name>_joint` = E(x,y) and `<name>_correct` for clean, every column that returns
 its adversarial images, and every histogram attack that ran (the energy histograms
@@ -228,21 +228,21 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None, source=Non
     columns: dict[str, dict] = {}
     energies: dict[str, np.ndarray] = {"labels": y.numpy()}
 
+    t_clean = time.time()
     clean = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, desc="clean")
-    columns["clean"] = _entry(len(y), _keep(energies, "clean", clean), None,
-                              "clean test images, deterministic model (no test-time noise)")
+    columns["clean"] = {**_entry(len(y), _keep(energies, "clean", clean), None,
+                                 "clean test images, deterministic model (no test-time noise)"),
+                        "seconds": round(time.time() - t_clean, 3)}
 
     for i, name in enumerate(("pgd", "energy_attack")):
         cfg: AttackConfig = getattr(ev, name)
         gen = _device_generator(run.seed + 1000 * (i + 1), device)
         attack = lambda xb, yb, cfg=cfg, gen=gen: perturb(model, xb, yb, cfg, generator=gen)  # noqa: E731
-        res = evaluate_inputs(model, x, y, batch_size=ev.batch_size, device=device, transform=attack, desc=name)
-        columns[name] = _entry(len(y), _keep(energies, name, res), cfg, describe_attack(name, cfg),
-                               max_perturbation_linf=_check_budget(name, cfg, res["linf"]))
-    columns["ebjdat_scale"] = _ebjdat_scale_column(model, x, y, ev, noise_std, run.seed, device, energies)
-
-    columns["autoattack"] = _autoattack_column(model, x, y, ev, device, energies, fallbacks)
-    columns["eot"] = _eot_column(model, x, y, ev, noise_std, run.seed, device, energies)
+        columns[name] = _timed(lambda name=name, cfg=cfg, attack=attack: _attack_column(
+            name, model, x, y, cfg, attack, ev.batch_size, device, energies))
+    columns["ebjdat_scale"] = _timed(lambda: _ebjdat_scale_column(model, x, y, ev, noise_std, run.seed, device, energies))
+    columns["autoattack"] = _timed(lambda: _autoattack_column(model, x, y, ev, device, energies, fallbacks))
+    columns["eot"] = _timed(lambda: _eot_column(model, x, y, ev, noise_std, run.seed, device, energies))
     diagnostics = _histogram_attacks(model, x, y, clean["correct"], ev, device, energies, fallbacks)
 
     energies_path = energies_file.write(plan.beside(out_path, "eval", "eval_energies"), energies)
@@ -264,6 +264,19 @@ def evaluate_stage(run, data_dir, model_path, out_path, tracker=None, source=Non
     if tracker is not None:  # the caller logs `result` and the JSON; the energies go beside them
         tracker.log_artifact(energies_path, artifact_path="evaluate")
     return result
+
+
+def _timed(column: Callable[[], dict]) -> dict:
+    """The entry `column()` returns, with the seconds it took (a column's cost, for the profile in docs/)."""
+    t0 = time.time()
+    return {**column(), "seconds": round(time.time() - t0, 3)}
+
+
+def _attack_column(name, model, x, y, cfg: AttackConfig, attack, batch_size, device, energies) -> dict:
+    """One white-box attack column (pgd, energy_attack) on the deterministic model."""
+    res = evaluate_inputs(model, x, y, batch_size=batch_size, device=device, transform=attack, desc=name)
+    return _entry(len(y), _keep(energies, name, res), cfg, describe_attack(name, cfg),
+                  max_perturbation_linf=_check_budget(name, cfg, res["linf"]))
 
 
 def _ebjdat_scale_column(model, x, y, ev, noise_std, seed, device, energies) -> dict:

@@ -342,15 +342,16 @@ def job_name(stage: str, wildcards: dict[str, Any]) -> str:
     return str(w["profile"])
 
 
-# The RunConfig fields each run stage reads (its Snakemake rerun digest). Upstream changes reach
+# The RunConfig fields each run stage reads (its Snakemake rerun digest; every stage that runs a model reads
+# "training" for its memory layout, models.place). Upstream changes reach
 # a stage through its input files (e.g. a retrained model.pt), so they need not be listed here.
 # "method" is the method's settings on the job's data set (config `dataset_methods` merged), so a
 # data-set-only setting changes the digests of that data set's jobs alone.
 RUN_STAGE_SETTINGS = {
     "train": ("dataset", "method_name", "method", "model", "seed", "device", "training"),
-    "evaluate": ("dataset", "method_name", "model", "seed", "device", "evaluation"),
-    "generate": ("dataset", "method_name", "model", "seed", "device", "generation"),
-    "metrics": ("dataset", "method_name", "model", "seed", "device", "metrics", "inception_weights"),
+    "evaluate": ("dataset", "method_name", "model", "seed", "device", "training", "evaluation"),
+    "generate": ("dataset", "method_name", "model", "seed", "device", "training", "generation"),
+    "metrics": ("dataset", "method_name", "model", "seed", "device", "training", "metrics", "inception_weights"),
 }
 
 
@@ -523,12 +524,13 @@ class Plan:
         return out
 
     def resources(self, stage: str) -> dict[str, int]:
-        """gpu/mem/runtime for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only; runtime
-        (minutes) is the profile's `runtime`."""
+        """gpu/mem/runtime/threads for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only;
+        runtime (minutes) and the threads of the GPU stages are the profile's `runtime`."""
         gpu = int(stage in GPU_STAGES and self.config.device != "cpu")
         limits = self.params.profiles[self.profile].runtime
         runtime = limits.train if stage == "train" else limits.other
-        return {"gpu": gpu, "mem_mb": 32000 if gpu else 8000, "runtime": runtime}
+        threads = limits.threads if stage in GPU_STAGES else 1
+        return {"gpu": gpu, "mem_mb": 32000 if gpu else 8000, "runtime": runtime, "threads": threads}
 
     def template(self, stage: str, style: str) -> dict[str, str]:
         """`values` with placeholders instead of wildcard values: 'pattern' -> {x} (Snakemake

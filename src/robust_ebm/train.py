@@ -51,7 +51,7 @@ from .divergence import Diverging, Guard
 from .dynamics import DynamicsRecorder
 from .inference import evaluate_inputs
 from .methods import Batch, LossOutput, build_method
-from .models import build_model, save_classifier
+from .models import build_model, place, save_classifier
 from .optim import SAM, LRSchedule, build_optimizer, frozen_bn_stats
 from .progress import Report, model_meta, train_record
 from .resume import move_aside, resume_key, stale_reason
@@ -93,15 +93,9 @@ def autocast(precision: str, device: torch.device):
 
 def build_parts(method_cfg, model_cfg, *, num_classes: int, image_shape, stats, device, seed: int,
                 channels_last: bool = False):
-    """Model, method (with its generator) and optimiser of one run.
-
-    `channels_last` stores the convolution weights NHWC on every device: on the CPU (oneDNN) the
-    WRN-16-2 TRADES step took 0.9x the CPU time of NCHW (docs/profile_jem.md).
-    """
+    """Model, method (with its generator) and optimiser of one run (`channels_last`: `models.place`)."""
     model = build_model(model_cfg, num_classes=num_classes, in_channels=image_shape[0], image_size=image_shape[1])
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(model, device, channels_last)
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "method"))
     method = build_method(method_cfg, num_classes=num_classes, image_shape=tuple(image_shape), stats=stats,
                           device=device, generator=generator)

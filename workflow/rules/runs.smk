@@ -19,6 +19,7 @@ rule train:
     output: **outputs("train")
     log: pattern("train", "log")
     params: settings=planned("train", "settings")
+    threads: planned("train", "threads")
     resources:
         gpu=planned("train", "gpu"),
         mem_mb=planned("train", "mem_mb"),
@@ -32,6 +33,7 @@ rule evaluate:
     output: **outputs("evaluate")
     log: pattern("evaluate", "log")
     params: settings=planned("evaluate", "settings")
+    threads: planned("evaluate", "threads")
     resources:
         gpu=planned("evaluate", "gpu"),
         mem_mb=planned("evaluate", "mem_mb"),
@@ -45,6 +47,7 @@ rule generate:
     output: directory(pattern("generate", "samples"))
     log: pattern("generate", "log")
     params: settings=planned("generate", "settings")
+    threads: planned("generate", "threads")
     resources:
         gpu=planned("generate", "gpu"),
         mem_mb=planned("generate", "mem_mb"),
@@ -58,6 +61,7 @@ rule metrics:
     output: **outputs("metrics")
     log: pattern("metrics", "log")
     params: settings=planned("metrics", "settings")
+    threads: planned("metrics", "threads")
     resources:
         gpu=planned("metrics", "gpu"),
         mem_mb=planned("metrics", "mem_mb"),
