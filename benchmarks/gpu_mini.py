@@ -4,7 +4,8 @@ Runs the profile's jobs from `robust_ebm.plan` (the same commands, byte for byte
 and dvc.yaml) without Snakemake, which the GPU machine does not have: data, then per method
 train -> evaluate, generate -> metrics, with `--jobs` run jobs sharing the GPU at once, then
 claims and tables (figures with `--figures`: their SSIM search runs on the CPU), then `robust-ebm
-digest` where the package has it (into `digest/`). A ready job is
+digest` where the package has it (into `digest/`), and the bf16-vs-fp32 SGLD check on every trained
+sampler model (`robust-ebm bench --sgld-check --sgld-weights`, into `sgld/`). A ready job is
 started in method order (`--methods`, default `PRIORITY`), the reference classifier's training
 first since every metrics job needs it; so the methods that matter most finish first.
 
@@ -227,6 +228,14 @@ def run_profile_stage(plan: Plan, stage: str, env: dict, logs: Path, say, timeou
     return {"stage": stage, "job": name, "status": status, "rc": rc, "seconds": round(seconds, 2)}
 
 
+def trained_samplers(plan: Plan, tasks) -> list:
+    """The train jobs that finished for a method with a sampler (the JEM family, JEAT): their models get the
+    bf16 SGLD check (`robust-ebm bench --sgld-check --sgld-weights`, docs/gpu.md)."""
+    done = {t.name for t in tasks if t.job.stage == "train" and t.status in ("ok", "existing")}
+    return [j for j in plan.jobs if j.stage == "train" and j.name in done and not j.reference
+            and plan.config.method(j.wildcards["dataset"], j.wildcards["method"]).sampler is not None]
+
+
 def gpu_info() -> dict:
     """nvidia-smi's view of the GPU and torch's (None fields where there is no GPU)."""
     info: dict = {}
@@ -312,9 +321,10 @@ def collect(plan: Plan, tasks: list[Task], profile_stages: list[dict], record: d
                     copy(f, folder / rel / f.relative_to(src))
             elif src.suffix == ".json":
                 copy(src, folder / rel)
-    digest = folder.with_name(folder.name + ".digest")
-    if digest.is_dir():
-        shutil.copytree(digest, folder / "digest")
+    for extra in ("digest", "sgld"):  # robust-ebm digest's folder; the SGLD checks on the trained samplers
+        made = folder.with_name(f"{folder.name}.{extra}")
+        if made.is_dir():
+            shutil.copytree(made, folder / extra)
     for name in ("claims.json", "claims.md", "claims.csv", "summary.json"):
         copy(results / name, folder / name)
     for d in ("tables", "figures"):
@@ -400,6 +410,20 @@ def main() -> int:
                                    "reason": "interrupted" if interrupted else "budget"})
             continue
         profile_stages.append(run_profile_stage(plan, stage, env, logs, say, timeout=left))
+    sgld_dir = folder.with_name(f"{folder.name}.sgld")
+    shutil.rmtree(sgld_dir, ignore_errors=True)
+    for job in [] if interrupted else trained_samplers(plan, tasks):  # bf16 vs fp32 SGLD on the trained EBMs
+        method, model = job.wildcards["method"], next(o for o in job.outputs if o.endswith("model.pt"))
+        left = a.budget - 30 - runner.now()  # the digest comes after
+        if left < 20:
+            profile_stages.append({"stage": f"sgld_check_{method}", "status": "not started", "reason": "budget"})
+            continue
+        sgld_dir.mkdir(parents=True, exist_ok=True)
+        check = (f"robust-ebm bench --params {a.params} --profile {a.profile} --methods {method} --sgld-check "
+                 f"--sgld-weights {model} --steps 1 --warmup 0 --batch 8 --precision fp32 "
+                 f"--json {sgld_dir.relative_to(ROOT)}/{method}.json")
+        profile_stages.append(run_profile_stage(plan, f"sgld_check_{method}", env, logs, say, command=check,
+                                                timeout=min(60, left)))
     if not interrupted and (ROOT / "src" / "robust_ebm" / "digest.py").exists():  # the runs' numbers, to keep
         shutil.rmtree(folder.with_name(folder.name + ".digest"), ignore_errors=True)
         digest = (f"robust-ebm digest --params {a.params} --profile {a.profile} --results {plan.results}/{a.profile} "

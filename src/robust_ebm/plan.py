@@ -525,11 +525,11 @@ class Plan:
 
     def resources(self, stage: str) -> dict[str, int]:
         """gpu/mem/runtime/threads for Snakemake: GPU stages ask for one GPU unless the profile is CPU-only;
-        runtime (minutes) and the threads of the GPU stages are the profile's `runtime`."""
+        runtime (minutes) and the threads of the run stages are the profile's `runtime`."""
         gpu = int(stage in GPU_STAGES and self.config.device != "cpu")
         limits = self.params.profiles[self.profile].runtime
         runtime = limits.train if stage == "train" else limits.other
-        threads = limits.threads if stage in GPU_STAGES else 1
+        threads = limits.threads if stage in RUN_STAGES else 1
         return {"gpu": gpu, "mem_mb": 32000 if gpu else 8000, "runtime": runtime, "threads": threads}
 
     def template(self, stage: str, style: str) -> dict[str, str]:
