@@ -231,9 +231,8 @@ def run_profile_stage(plan: Plan, stage: str, env: dict, logs: Path, say, timeou
 def trained_samplers(plan: Plan, tasks) -> list:
     """The train jobs that finished for a method with a sampler (the JEM family, JEAT): their models get the
     bf16 SGLD check (`robust-ebm bench --sgld-check --sgld-weights`, docs/gpu.md)."""
-    done = {t.name for t in tasks if t.job.stage == "train" and t.status in ("ok", "existing")}
-    return [j for j in plan.jobs if j.stage == "train" and j.name in done and not j.reference
-            and plan.config.method(j.wildcards["dataset"], j.wildcards["method"]).sampler is not None]
+    return [t.job for t in tasks if t.job.stage == "train" and t.status in ("ok", "existing") and not t.job.reference
+            and plan.config.method(t.job.wildcards["dataset"], t.job.wildcards["method"]).sampler is not None]
 
 
 def gpu_info() -> dict:
