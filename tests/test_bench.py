@@ -124,7 +124,8 @@ def test_cli_bench_writes_every_batch_and_precision_and_the_sgld_check(tmp_path,
     out = tmp_path / "bench.json"
     args = SimpleNamespace(params=str(PARAMS), profile="smoke", methods=["standard", "jem"], model=None, batch=[4, 8],
                            precision=["fp32", "bf16"], device="cpu", steps=1, warmup=0, flops=True, peak_tflops=None,
-                           json=str(out), sgld_check=True, sgld_chains=4, sgld_steps=2, sgld_tol=0.1, sgld_seed=0)
+                           json=str(out), sgld_check=True, sgld_chains=4, sgld_steps=2, sgld_tol=0.1, sgld_seed=0,
+                           sgld_weights=None)
     cmd_bench(args)
     report = json.loads(out.read_text())
     assert report["complete"] is True
@@ -141,7 +142,7 @@ def test_sgld_checks_run_one_chain_set_per_sampler_and_architecture():
     profile = SimpleNamespace(models={"tiny": TINY})
     jem = method("jem", sampler={"steps": 2})
     other = method("jem", sampler={"steps": 2, "step_size": 0.5})
-    args = SimpleNamespace(device="cpu", sgld_seed=0, sgld_chains=4, sgld_steps=None, sgld_tol=0.1)
+    args = SimpleNamespace(device="cpu", sgld_seed=0, sgld_chains=4, sgld_steps=None, sgld_tol=0.1, sgld_weights=None)
     a, b, c = sgld_checks(profile, {"tiny": {"a": jem, "b": jem, "c": other, "d": method("standard")}}, args)
     assert (a["method"], b["method"], b["same_as"], c["method"]) == ("a", "b", "a", "c") and "same_as" not in c
     assert b["precisions"] == a["precisions"] and c["fp32"]["mean"] != a["fp32"]["mean"]

@@ -345,7 +345,7 @@ def sgld_checks(profile, groups, args, on_result=None) -> list[dict]:
     from .models import build_model, load_classifier
 
     device, out, done = pick_device(args.device), [], {}
-    weights = getattr(args, "sgld_weights", None)
+    weights = args.sgld_weights
     trained = None if weights is None else load_classifier(weights)[0].to(device).eval().requires_grad_(False)
     for model_key, methods in groups.items():
         for name, cfg in methods.items():
@@ -359,7 +359,8 @@ def sgld_checks(profile, groups, args, on_result=None) -> list[dict]:
             torch.manual_seed(args.sgld_seed)
             model = trained if trained is not None else build_model(
                 profile.models[model_key], num_classes=10, in_channels=3, image_size=32).to(device)
-            res = sgld_precision_check(model, cfg.sampler, n=args.sgld_chains, image_shape=(model.in_channels, model.image_size, model.image_size),
+            shape = (model.in_channels, model.image_size, model.image_size)
+            res = sgld_precision_check(model, cfg.sampler, n=args.sgld_chains, image_shape=shape,
                                        num_classes=model.num_classes, device=device, seed=args.sgld_seed,
                                        steps=args.sgld_steps, tol=args.sgld_tol)
             res |= {"method": name, "model": model_key if trained is None else str(weights),
