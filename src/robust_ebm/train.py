@@ -31,7 +31,8 @@ On the CPU 'auto' is fp32.
 
 Outputs in out_dir, named by plan.PATTERNS (`Trainer.file`): model.pt (selected weights,
 models.save_classifier), checkpoint.pt (full state), replay_buffer.pt (every run: the SGLD samples of a
-sampler method, zero images otherwise; `Trainer.buffer_file`), train.json, dynamics.json; and grids/epoch_NNNN.png (replay-buffer grids, progress.py).
+sampler method, zero images otherwise; `Trainer.buffer_file`), train.json, dynamics.json; and
+grids/epoch_NNNN.png (replay-buffer grids, progress.py).
 """
 
 from __future__ import annotations

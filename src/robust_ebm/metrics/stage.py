@@ -55,30 +55,21 @@ def _reference_images(splits, which: str) -> torch.Tensor:
     return torch.cat([torch.as_tensor(p.images) for p in parts])
 
 
-def _samples_fix(samples_dir: Path) -> str:
-    return f"rerun the generate stage (robust-ebm generate ... --out {samples_dir})"
-
-
-def _load_logits(samples_dir: Path) -> dict[str, torch.Tensor]:
-    """{generator: logits (N,K)} of the replay-buffer generators (generate stores them for the papers' protocol)."""
-    out = {}
-    for name, (record, npz) in samples_file.produced(samples_dir, fix=_samples_fix(samples_dir)).items():
-        if record.get("kind") == "buffer":
-            arrays = samples_file.read(npz, fix=_samples_fix(samples_dir))
-            if "logits" not in arrays:
-                raise ValueError(f"{npz} holds no logits (written by an older generate stage); rerun generate")
-            out[name] = torch.from_numpy(arrays["logits"])
-    return out
-
-
-def _load_samples(samples_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{generator: (uint8 images, int64 labels)} for every generator that produced samples."""
-    fix = _samples_fix(samples_dir)
-    samples = {}
-    for name, (_, npz) in samples_file.produced(samples_dir, fix=fix).items():
+def _load_samples(samples_dir: Path, *, logits: bool) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                                dict[str, torch.Tensor]]:
+    """One read of the generate stage's folder: {generator: (uint8 images, int64 labels)} for every generator
+    that produced samples, and, with `logits`, {generator: logits (N,K)} of the replay-buffer generators
+    (generate stores them for the papers' top-confident protocol)."""
+    fix = f"rerun the generate stage (robust-ebm generate ... --out {samples_dir})"
+    samples, buffer_logits = {}, {}
+    for name, (record, npz) in samples_file.produced(samples_dir, fix=fix).items():
         arrays = samples_file.read(npz, fix=fix)
         samples[name] = (torch.from_numpy(arrays["images"]), torch.from_numpy(arrays["labels"]).long())
-    return samples
+        if logits and record.get("kind") == "buffer":
+            if "logits" not in arrays:
+                raise ValueError(f"{npz} holds no logits (written by an older generate stage); rerun generate")
+            buffer_logits[name] = torch.from_numpy(arrays["logits"])
+    return samples, buffer_logits
 
 
 def _eval_energies(eval_path: Path | None) -> dict[str, dict[str, torch.Tensor]]:
@@ -147,8 +138,7 @@ def metrics_stage(run, data_dir, model_path, samples_dir, refclf_path, eval_path
         weights, missing_weights = resolve_inception_weights(run.paths.inception_weights), None
     except InceptionWeightsUnavailable as err:
         weights, missing_weights = None, err
-    samples = _load_samples(samples_dir)
-    buffer_logits = _load_logits(samples_dir) if cfg.top_confident.enabled else {}
+    samples, buffer_logits = _load_samples(samples_dir, logits=cfg.top_confident.enabled)
     eval_sets = _eval_energies(eval_path)
 
     t0 = time.time()
